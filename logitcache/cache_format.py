@@ -1,0 +1,85 @@
+"""The HDF5 cache layout (docs/cache-format.md), shared by the writer and the reader.
+
+Metadata are root attributes holding JSON text, so plain h5py reads them without
+pickle; arrays are chunked along the sample axis and fletcher32-checksummed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+
+from . import __version__
+from .errors import LogitcacheError
+
+FORMAT_NAME = "logitcache"
+SCHEMA_VERSION = 1
+JSON_ATTRS = ("format", "schema_version", "logitcache_version", "teacher", "dataset", "transform",
+              "views", "dtypes", "layers", "topk", "teacher_accuracy", "complete")
+REQUIRED_DATASETS = ("index", "labels", "views/params")
+FLOAT16_MAX = 65504.0
+
+
+def set_attr(f: h5py.File, name: str, value) -> None:
+    f.attrs[name] = json.dumps(value, sort_keys=True)
+
+
+def get_attr(f: h5py.File, name: str, path: str | Path = "cache"):
+    if name not in f.attrs:
+        raise LogitcacheError(f"{path}: attribute '{name}' is missing; the file is not a logitcache cache, re-dump it")
+    raw = f.attrs[name]
+    try:
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        raise LogitcacheError(f"{path}: attribute '{name}' is not valid JSON; the file is damaged, re-dump it") from None
+
+
+def read_metadata(f: h5py.File, path: str | Path) -> dict:
+    """Every JSON attribute, after checking that this is a complete cache of a schema we read."""
+    if get_attr(f, "format", path) != FORMAT_NAME:
+        raise LogitcacheError(f"{path}: not a logitcache cache (format attribute is wrong)")
+    version = get_attr(f, "schema_version", path)
+    if version != SCHEMA_VERSION:
+        raise LogitcacheError(f"{path}: cache schema version {version}, this logitcache reads {SCHEMA_VERSION}; "
+                              f"re-dump it with logitcache {__version__}")
+    meta = {name: get_attr(f, name, path) for name in JSON_ATTRS}
+    if meta["complete"] is not True:
+        raise LogitcacheError(f"{path}: cache is incomplete (the dump did not finish); rerun dump-teacher to resume it")
+    expected = [*REQUIRED_DATASETS, *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
+                *(f"features/{layer['name']}" for layer in meta["layers"])]
+    missing = [name for name in expected if name not in f]
+    if missing:
+        raise LogitcacheError(f"{path}: dataset(s) {', '.join(missing)} missing; the file is damaged, re-dump it")
+    return meta
+
+
+def open_cache(path: str | Path) -> tuple[h5py.File, dict]:
+    """Open a cache read-only and validate it; the caller closes the file."""
+    path = Path(path)
+    if not path.exists():
+        raise LogitcacheError(f"cache {path} does not exist; run `logitcache dump-teacher` first")
+    if path.is_dir():
+        raise LogitcacheError(f"cache {path} is a directory; give the .h5 file")
+    try:
+        f = h5py.File(path, "r")
+    except BlockingIOError:
+        raise LogitcacheError(f"cache {path} is being written by another process; wait for the dump to finish") from None
+    except OSError as e:
+        raise LogitcacheError(f"cache {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); "
+                              "it is truncated or damaged, re-dump it") from None
+    try:
+        return f, read_metadata(f, path)
+    except Exception:
+        f.close()
+        raise
+
+
+def read_rows(dataset: h5py.Dataset, selection, path: str | Path):
+    """Read rows, turning a checksum failure into a clear error."""
+    try:
+        return dataset[selection]
+    except OSError as e:
+        raise LogitcacheError(f"{path}: dataset {dataset.name} failed its checksum or could not be read "
+                              f"({str(e).splitlines()[0]}); the file is damaged, re-dump it") from None

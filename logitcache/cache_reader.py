@@ -1,0 +1,97 @@
+"""Reading a cache: validation against the data, logits in memory, features within a byte budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .cache_format import open_cache, read_rows
+from .data import Split
+from .errors import LogitcacheError
+
+
+def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full logits from a top-k row: known classes exact, the rest share the leftover mass at T=1 uniformly.
+
+    With p_k the top-k probabilities at T=1 and r = 1 - sum(p_k), every missing class
+    gets logit lse + log(r / (C - k)), so softmax at T=1 reproduces the stored top-k
+    probabilities and the total leftover mass exactly (see docs/cache-format.md).
+    """
+    values = values.float()
+    k = values.shape[-1]
+    kept = torch.exp(values - lse[..., None]).sum(-1).clamp(max=1 - 1e-7)
+    fill = lse + torch.log1p(-kept) - np.log(num_classes - k)
+    full = fill[..., None].expand(*values.shape[:-1], num_classes).clone()
+    return full.scatter_(-1, indices.long(), values)
+
+
+class Cache:
+    """A complete, validated cache opened read-only. Open it lazily in each DataLoader worker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file, self.meta = open_cache(self.path)
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __getstate__(self):
+        raise TypeError("Cache holds an h5py handle: pass its path to workers and open it there")
+
+    @property
+    def num_samples(self) -> int:
+        return self.meta["dataset"]["count"]
+
+    @property
+    def num_views(self) -> int:
+        return self.meta["views"]["count"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["teacher"]["num_classes"]
+
+    @property
+    def layers(self) -> dict[str, dict]:
+        return {layer["name"]: layer for layer in self.meta["layers"]}
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        return self.file[name]
+
+    def read(self, name: str, selection=slice(None)) -> np.ndarray:
+        return read_rows(self.file[name], selection, self.path)
+
+    def view_params(self) -> np.ndarray:
+        return self.read("views/params")
+
+    def logits(self, selection=slice(None)) -> torch.Tensor:
+        """Float32 logits (rows, V, C); top-k caches are expanded by `logits_from_topk`."""
+        if not self.meta["topk"]:
+            return torch.from_numpy(self.read("logits", selection).astype(np.float32))
+        return logits_from_topk(torch.from_numpy(self.read("topk_values", selection)),
+                                torch.from_numpy(self.read("topk_indices", selection)),
+                                torch.from_numpy(self.read("topk_lse", selection)), self.num_classes)
+
+    def check_matches(self, split: Split) -> None:
+        """Refuse a cache made from other data: one line naming what differs."""
+        made = self.meta["dataset"]
+        for key, ours in (("name", split.dataset), ("split", split.name), ("count", len(split)),
+                          ("fingerprint", split.fingerprint)):
+            if made[key] != ours:
+                raise LogitcacheError(f"{self.path}: cache was made from {key} {made[key]!r}, "
+                                      f"the training data has {key} {ours!r}; dump the teacher on this data")
+        labels = self.read("labels")
+        wrong = np.flatnonzero(labels != split.labels.numpy())
+        if len(wrong):
+            raise LogitcacheError(f"{self.path}: labels differ from the data at {len(wrong)} row(s), first {wrong[:5].tolist()}")
+        if not np.array_equal(self.read("index"), np.arange(len(split))):
+            raise LogitcacheError(f"{self.path}: sample index column is not 0..N-1; the cache is damaged, re-dump it")

@@ -1,0 +1,140 @@
+"""Atomic, resumable HDF5 writing.
+
+Rows go into `<cache>.partial`; after each batch the data are flushed and the
+`rows_done` attribute records the progress. A rerun with the same `run_key` resumes
+from there; anything else starts over. The file is renamed to its final name only
+once every row is written, read back (checksums) and the `complete` flag is set.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .cache_format import set_attr
+from .errors import LogitcacheError
+
+CHUNK_BYTES = 512 * 1024
+
+
+class CacheWriter:
+    def __init__(self, path: str | Path, n: int, arrays: dict[str, tuple[tuple[int, ...], str]],
+                 run_key: str, compression: str, overwrite: bool):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.n = n
+        self.arrays = arrays
+        _refuse_existing(self.path, overwrite)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self._resume(run_key) or self._create(run_key, compression)
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.file.attrs["rows_done"])
+
+    def _resume(self, run_key: str) -> h5py.File | None:
+        if not self.partial.exists():
+            return None
+        try:
+            f = h5py.File(self.partial, "r+")
+        except BlockingIOError:
+            raise LogitcacheError(f"{self.partial} is open in another process (a dump is running); wait for it") from None
+        except OSError:  # killed mid-write beyond repair: start over
+            self.partial.unlink()
+            return None
+        if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays):
+            return f
+        f.close()  # made with other arguments: its rows are not ours
+        self.partial.unlink()
+        return None
+
+    def _create(self, run_key: str, compression: str) -> h5py.File:
+        f = h5py.File(self.partial, "w-")
+        for name, (tail, dtype) in self.arrays.items():
+            row_bytes = max(1, int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize)
+            chunk_rows = int(min(self.n, max(1, CHUNK_BYTES // row_bytes)))
+            f.create_dataset(name, shape=(self.n, *tail), dtype=dtype, chunks=(chunk_rows, *tail),
+                             fletcher32=True, compression=None if compression == "none" else compression)
+        f.attrs["run_key"] = run_key
+        f.attrs["rows_done"] = 0
+        f.flush()
+        return f
+
+    def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Write rows [start, start + len) of every array, then commit the progress."""
+        stop = start + len(next(iter(rows.values())))
+        try:
+            for name, values in rows.items():
+                self.file[name][start:stop] = values
+            self.file.flush()
+            self.file.attrs["rows_done"] = stop
+            self.file.flush()
+        except OSError as e:  # a full disk, typically: the partial file stays for a resume
+            raise LogitcacheError(f"writing {self.partial} failed ({str(e).splitlines()[0]}); "
+                                  "free disk space and rerun the same command to resume") from None
+
+    def finish(self, attributes: dict) -> Path:
+        """Check every row is there, set the metadata and `complete`, and move the file into place."""
+        if self.rows_done != self.n:
+            raise LogitcacheError(f"{self.partial}: only {self.rows_done} of {self.n} rows written; rerun to resume")
+        for name, value in attributes.items():
+            set_attr(self.file, name, value)
+        del self.file.attrs["run_key"], self.file.attrs["rows_done"]
+        set_attr(self.file, "complete", True)
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise LogitcacheError(f"cache path {path} is a directory; give a file path")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise LogitcacheError(f"cache {path} already exists; pass --overwrite (dump.overwrite=true) to replace it")
+    try:
+        h5py.File(path, "r+").close()  # a reader's lock makes this fail: never replace a file in use
+    except BlockingIOError:
+        raise LogitcacheError(f"cache {path} is open in another process; stop it before overwriting") from None
+    except OSError:
+        pass  # damaged: replacing it is the point
+
+
+class BackgroundWriter:
+    """Runs CacheWriter.write on a thread behind a bounded queue, so the teacher never waits for the disk."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 4):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # re-raised in the producer
+                    self.error = e
+
+    def submit(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, rows))
+
+    def drain(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,205 @@
+"""The `logitcache` command: a thin click layer over the library's plain functions.
+
+Every command reads params.yaml (one section per stage); its flags and `-S key=value`
+override single keys, and the result is validated once into `config.Params`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import LogitcacheError
+
+
+class Group(click.Group):
+    """Turns LogitcacheError into one line on stderr and exit code 2 (traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LogitcacheError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="logitcache")
+def main(debug: bool) -> None:
+    """Run the teacher once, distil many students.
+
+    \b
+    logitcache prepare-data      # Fashion-MNIST -> data/prepared
+    logitcache train-teacher     # -> data/teacher/teacher.pt
+    """
+
+
+def params_options(flags: dict[str, str]):
+    """Add --params, -S/--set and the given shortcut flags (flag name -> params key) to a command."""
+
+    def decorate(fn):
+        @click.option("--params", "params_path", type=click.Path(), default=None,
+                      help="YAML params file [default: ./params.yaml when present, else built-in defaults].")
+        @click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override one params key, e.g. -S teacher.epochs=3 (repeatable).")
+        @functools.wraps(fn)
+        def wrapper(params_path, overrides, **kwargs):
+            from .config import load_params
+
+            shortcuts = [f"{flags[name]}={value}" for name, value in kwargs.items()
+                         if name in flags and value is not None]
+            params = load_params(params_path, [*shortcuts, *overrides])
+            return fn(params, **{k: v for k, v in kwargs.items() if k not in flags})
+
+        for name, key in reversed(flags.items()):
+            wrapper = click.option(f"--{name.replace('_', '-')}", name, default=None,
+                                   help=f"Override {key}.")(wrapper)
+        return wrapper
+
+    return decorate
+
+
+@main.command("prepare-data")
+@params_options({"dataset": "data.dataset", "source": "data.source", "root": "data.root"})
+def prepare_data_cmd(params) -> None:
+    """Read a data set's raw files and write uint8 arrays plus meta.json (with split fingerprints).
+
+    \b
+    Example:
+      logitcache prepare-data                      # Fashion-MNIST from Debian's package
+      logitcache prepare-data --dataset cifar10 --source ~/data/cifar10
+    """
+    from .data import dataset_dir, prepare_data
+
+    meta = prepare_data(params.data)
+    for split, info in meta["splits"].items():
+        click.echo(f"{split}: {info['count']} samples, fingerprint {info['fingerprint'][:16]}")
+    click.echo(f"wrote {dataset_dir(params.data)}")
+
+
+@main.command("train-teacher")
+@params_options({"model": "teacher.model", "epochs": "teacher.epochs", "out": "teacher.out",
+                 "device": "teacher.device", "seed": "teacher.seed"})
+def train_teacher_cmd(params) -> None:
+    """Train the teacher with SGD and a one-cycle or cosine schedule; writes teacher.pt and metrics.json.
+
+    \b
+    Example:
+      logitcache train-teacher --model resnet20 --epochs 5
+      logitcache train-teacher -S teacher.lr=0.05 -S teacher.schedule=cosine
+    """
+    from .teacher import train_teacher
+
+    metrics = train_teacher(params)
+    click.echo(f"teacher {params.teacher.model}: test accuracy {metrics['test_acc']:.4f} "
+               f"({metrics['train_seconds']:.0f} s) -> {params.teacher.out}")
+
+
+@main.command("dump-teacher")
+@params_options({"teacher": "dump.teacher", "views": "dump.views", "layers": "dump.layers", "topk": "dump.topk",
+                 "out": "dump.out", "device": "dump.device", "compression": "dump.compression"})
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing complete cache.")
+def dump_teacher_cmd(params, overwrite) -> None:
+    """Run the teacher once over every sample and view; write <out>/<split>.h5 (logits, features, views).
+
+    A killed run resumes where it stopped when started again with the same arguments.
+
+    \b
+    Example:
+      logitcache dump-teacher --views 4 --layers layer2,layer3
+      logitcache dump-teacher --views all --topk 5 --out data/cache_top5
+    """
+    from .dump import dump_teacher
+
+    if overwrite:
+        params = params.model_copy(update={"dump": params.dump.model_copy(update={"overwrite": True})})
+    for path in dump_teacher(params):
+        click.echo(f"wrote {path}")
+
+
+@main.command("inspect")
+@click.argument("cache", type=click.Path())
+@click.option("--verify", is_flag=True, help="Recompute random rows with the teacher and compare.")
+@click.option("--teacher", "teacher_path", default=None, help="Teacher checkpoint for --verify [default: dump.teacher].")
+@click.option("--samples", default=64, show_default=True, help="Rows to recompute with --verify.")
+@click.option("--atol", default=0.05, show_default=True, help="Largest allowed |logit difference| with --verify.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@params_options({})
+def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> None:
+    """Show what CACHE holds (teacher, data, views, layers, size); --verify rechecks it against the teacher.
+
+    \b
+    Example:
+      logitcache inspect data/cache/train.h5
+      logitcache inspect data/cache/train.h5 --verify --samples 128
+    """
+    import json
+
+    from .inspect_cache import describe, verify as verify_cache
+
+    info = describe(cache)
+    if verify:
+        info["verify"] = verify_cache(cache, teacher_path or params.dump.teacher, params.data, samples, atol=atol)
+    click.echo(json.dumps(info, indent=2) if as_json else _format_summary(info))
+
+
+def _format_summary(info: dict) -> str:
+    teacher, data, views = info["teacher"] or {}, info["dataset"] or {}, info["views"] or {}
+    lines = [f"cache      {info['path']} ({'complete' if info['complete'] else 'INCOMPLETE'})",
+             f"teacher    {teacher.get('model')} sha256 {str(teacher.get('checkpoint_sha256'))[:16]}, "
+             f"{teacher.get('num_classes')} classes",
+             f"data       {data.get('name')}/{data.get('split')}, N={info['samples']}, "
+             f"fingerprint {str(data.get('fingerprint'))[:16]}",
+             f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
+             f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
+    for name, spec in info["arrays"].items():
+        lines.append(f"  {name:<28} {str(tuple(spec['shape'])):<22} {spec['dtype']}")
+    if info.get("teacher_accuracy"):
+        lines.append(f"teacher accuracy from cached logits: {info['teacher_accuracy']}")
+    if "verify" in info:
+        v = info["verify"]
+        lines.append(f"verify     {v['rows']} rows: max |Δlogit| {v['max_abs_logit_diff']:.2e}, KL(T=1) {v['kl_t1']:.2e}, "
+                     f"cosine {v['cosine']} -> OK")
+    return "\n".join(lines)
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List every model name the registry builds (small-image families, students, torchvision).
+
+    \b
+    Example:
+      logitcache models | grep resnet
+    """
+    from .models import list_models
+
+    click.echo("\n".join(list_models()))
+
+
+@main.command("layers")
+@click.argument("model")
+@click.option("--channels", default=1, show_default=True, help="Input channels of the data set.")
+@click.option("--classes", default=10, show_default=True, help="Number of classes.")
+def layers_cmd(model: str, channels: int, classes: int) -> None:
+    """List MODEL's node names usable as feature layers (torchvision feature_extraction).
+
+    \b
+    Example:
+      logitcache layers resnet20
+    """
+    from .models import UnknownModelError, build_model, feature_nodes
+
+    try:
+        net = build_model(model, channels, classes)
+    except UnknownModelError as e:
+        raise LogitcacheError(str(e)) from None
+    click.echo("\n".join(feature_nodes(net)))
+
+
+if __name__ == "__main__":
+    main()

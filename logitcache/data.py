@@ -1,0 +1,219 @@
+"""Data sets: read raw files once through torchvision.datasets, keep them as uint8 arrays.
+
+`prepare_data` turns any supported data set into the same small layout
+(`<root>/<dataset>/{split}_images.npy`, `{split}_labels.npy`, `meta.json`), so every
+later phase reads one format, indexes samples stably (row i of a split is sample i),
+and can check a split's content fingerprint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import LogitcacheError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the data set's definition fixes: shape, classes and normalisation statistics."""
+
+    channels: int
+    num_classes: int | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    default_source: str
+    load: Callable[[DataConfig, str, str], tuple[np.ndarray, np.ndarray, list[str]]]
+
+
+def _load_fashion_mnist(cfg: DataConfig, source: str, split: str):
+    from torchvision.datasets import FashionMNIST
+
+    if cfg.download:
+        ds = FashionMNIST(source, train=split == "train", download=True)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            _stage_mnist_files(Path(source), Path(tmp) / "FashionMNIST" / "raw")
+            ds = FashionMNIST(tmp, train=split == "train", download=False)
+    return ds.data.numpy()[:, None], ds.targets.numpy(), list(ds.classes)
+
+
+def _stage_mnist_files(source: Path, raw: Path) -> None:
+    """Lay out idx files (gzipped as Debian ships them, or plain) where torchvision looks."""
+    raw.mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        candidates = [source / stem, source / f"{stem}.gz", source / "FashionMNIST" / "raw" / stem]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise LogitcacheError(
+                f"Fashion-MNIST file {stem}[.gz] not found in {source}; install Debian's "
+                "dataset-fashion-mnist, set data.source, or set data.download=true"
+            )
+        opener = gzip.open if found.suffix == ".gz" else open
+        with opener(found, "rb") as src, open(raw / stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def _load_cifar(cls_name: str):
+    def load(cfg: DataConfig, source: str, split: str):
+        import torchvision.datasets as tvd
+
+        try:
+            ds = getattr(tvd, cls_name)(source, train=split == "train", download=cfg.download)
+        except RuntimeError as e:
+            raise LogitcacheError(f"{cls_name} not found under {source} ({e}); set data.source or data.download=true") from None
+        return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets), list(ds.classes)
+
+    return load
+
+
+def _load_image_folder(cfg: DataConfig, source: str, split: str):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    folder = Path(source) / split
+    if not folder.is_dir():
+        raise LogitcacheError(f"ImageFolder split {folder} is missing; expected {source}/{{train,test}}/<class>/<image>")
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
+    ds = ImageFolder(str(folder), transform=lambda img: resize(img.convert("RGB")))
+    images = np.stack([ds[i][0].numpy() for i in range(len(ds))])
+    return images, np.asarray(ds.targets), list(ds.classes)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec(1, 10, (0.2860,), (0.3530,), "/usr/share/datasets/fashion-mnist", _load_fashion_mnist),
+    "cifar10": DatasetSpec(3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "data/raw/cifar10", _load_cifar("CIFAR10")),
+    "cifar100": DatasetSpec(3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/raw/cifar100", _load_cifar("CIFAR100")),
+    # ImageFolder statistics are not fixed by a definition: they are measured on its training split.
+    "imagefolder": DatasetSpec(3, None, None, None, "data/raw/imagefolder", _load_image_folder),
+}
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 over sample count, shapes, labels and image bytes: any content change alters it."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"count": len(labels), "shape": list(images.shape)}).encode())
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / cfg.dataset
+
+
+def prepare_data(cfg: DataConfig) -> dict:
+    """Read the raw data set and write the prepared arrays and meta.json; returns the meta."""
+    spec = DATASETS[cfg.dataset]
+    source = cfg.source or spec.default_source
+    if not cfg.download and not Path(source).exists():
+        raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
+    out = dataset_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"dataset": cfg.dataset, "source": str(source), "splits": {}}
+    for split in SPLITS:
+        images, labels, classes = spec.load(cfg, source, split)
+        limit = cfg.train_limit if split == "train" else cfg.test_limit
+        images, labels = images[:limit], labels[:limit].astype(np.int64)
+        _save_array(out / f"{split}_images.npy", images.astype(np.uint8))
+        _save_array(out / f"{split}_labels.npy", labels)
+        meta["splits"][split] = {"count": int(len(labels)), "fingerprint": fingerprint(images, labels)}
+        if split == "train":
+            meta["mean"], meta["std"] = _statistics(spec, images)
+    meta.update(classes=classes, num_classes=len(classes), channels=int(images.shape[1]), image_size=list(images.shape[2:]))
+    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _statistics(spec: DatasetSpec, train_images: np.ndarray) -> tuple[list[float], list[float]]:
+    if spec.mean is not None:
+        return list(spec.mean), list(spec.std)
+    pixels = train_images.astype(np.float64) / 255.0
+    return pixels.mean(axis=(0, 2, 3)).round(4).tolist(), pixels.std(axis=(0, 2, 3)).round(4).tolist()
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One prepared split, held in memory as uint8 (N, C, H, W) with its identity."""
+
+    dataset: str
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    fingerprint: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    def identity(self) -> dict:
+        """What a cache records to prove which data made it."""
+        return {"name": self.dataset, "split": self.name, "count": len(self), "fingerprint": self.fingerprint}
+
+
+def load_split(cfg: DataConfig, split: str) -> Split:
+    """Load a prepared split; refuses when prepare-data has not run or its files were changed."""
+    folder = dataset_dir(cfg)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise LogitcacheError(f"no prepared data at {folder}; run `logitcache prepare-data` first")
+    meta = json.loads(meta_path.read_text())
+    images = np.load(folder / f"{split}_images.npy", allow_pickle=False)
+    labels = np.load(folder / f"{split}_labels.npy", allow_pickle=False)
+    expected = meta["splits"][split]["fingerprint"]
+    if fingerprint(images, labels) != expected:
+        raise LogitcacheError(f"prepared {split} split in {folder} does not match its meta.json fingerprint; rerun prepare-data")
+    return Split(
+        dataset=meta["dataset"], name=split, images=torch.from_numpy(images), labels=torch.from_numpy(labels),
+        fingerprint=expected, num_classes=meta["num_classes"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+    )
+
+
+class IndexedDataset(Dataset):
+    """Yields (image, label, index): the index is the sample's stable row in its split."""
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.split.images[i]), self.split.labels[i], i

@@ -1,0 +1,256 @@
+"""Phase one: run the teacher once over every (sample, view) and write the HDF5 cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.feature_extraction import create_feature_extractor
+from tqdm.auto import tqdm
+
+from . import __version__
+from .cache_format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
+from .cache_writer import BackgroundWriter, CacheWriter
+from .config import DumpConfig, Params
+from .data import Split, load_split
+from .errors import LogitcacheError
+from .models import build_model, feature_nodes
+from .train import load_checkpoint, select_device
+from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, view_params
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    info: dict
+    sha256: str
+
+    def identity(self) -> dict:
+        return {"model": self.info["model"], "checkpoint_sha256": self.sha256,
+                "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"]}
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256."""
+    ckpt = load_checkpoint(path)
+    info = ckpt.get("model_info")
+    if not isinstance(info, dict):
+        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by train-teacher")
+    model = build_model(info["model"], info["in_channels"], info["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {str(e).splitlines()[1].strip()}") from None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return Teacher(model.eval(), info, digest)
+
+
+class FeatureTaker(nn.Module):
+    """The teacher as {'logits': ..., <layer>: ...} through torchvision's feature_extraction."""
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        super().__init__()
+        nodes = feature_nodes(model)
+        unknown = [name for name in layers if name not in nodes]
+        if unknown:
+            raise LogitcacheError(f"unknown layer(s) {', '.join(unknown)}; valid names: {', '.join(nodes)}")
+        self.layers = list(layers)
+        self.net = create_feature_extractor(model, return_nodes={**{n: n for n in layers}, nodes[-1]: "logits"})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x)
+
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Mish, nn.Sigmoid, nn.Tanh)
+ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "gelu", "silu", "hardswish", "leaky_relu", "mish", "sigmoid", "tanh"}
+
+
+def activation_side(extractor: torch.fx.GraphModule, name: str) -> str:
+    """'after' or 'before' the activation: read off the traced op that produces the returned node."""
+    output = next(node for node in extractor.graph.nodes if node.op == "output")
+    node = output.args[0][name]
+    if node.op == "call_module":
+        return "after" if isinstance(extractor.get_submodule(node.target), ACTIVATIONS) else "before"
+    target = getattr(node.target, "__name__", str(node.target))
+    return "after" if target in ACTIVATION_FUNCTIONS else "before"
+
+
+class ViewDataset(Dataset):
+    """Sample i -> (its V views as uint8 (V, C, H, W), label, i), rendered from the stored parameters."""
+
+    def __init__(self, split: Split, params: np.ndarray, renderer: ViewRenderer):
+        self.split, self.params, self.renderer = split, params, renderer
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image = self.split.images[i]
+        views = torch.stack([self.renderer(image, p) for p in self.params[i]])
+        return views, self.split.labels[i], i
+
+
+def dump_teacher(params: Params) -> list[Path]:
+    """Dump every configured split; returns the cache paths."""
+    teacher = load_teacher(params.dump.teacher)
+    return [dump_split(params, teacher, split) for split in params.dump.splits]
+
+
+def cache_path(cfg: DumpConfig, split: str) -> Path:
+    return Path(cfg.out) / f"{split}.h5"
+
+
+def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
+    cfg = params.dump
+    split = load_split(params.data, split_name)
+    _check_teacher_fits(teacher, split, cfg)
+    spec = ViewSpec.from_config(cfg.augment)
+    views = cfg.views if split_name == "train" else 1
+    vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
+    n, v = vparams.shape[:2]
+    device = select_device(cfg.device)
+    taker = FeatureTaker(teacher.model, cfg.layers).to(device).eval()
+    prepare = normalizer(split.mean, split.std)
+    amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
+    shapes = _probe_shapes(taker, split, prepare, device, cfg.feature_pool)
+    arrays = _layout(cfg, shapes, v)
+    record = _metadata(cfg, teacher, split, spec, vparams, shapes, taker)
+    run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
+                                         "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
+    writer = CacheWriter(cache_path(cfg, split_name), n, arrays, run_key, cfg.compression, cfg.overwrite)
+    try:
+        _fill(writer, taker, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, cfg, prepare, device, amp)
+        record["teacher_accuracy"] = _verify_and_score(writer, split, record)
+        return writer.finish(record)
+    finally:
+        writer.close()
+
+
+def _check_teacher_fits(teacher: Teacher, split: Split, cfg: DumpConfig) -> None:
+    made_on = teacher.info.get("dataset", {}).get("name")
+    if made_on != split.dataset:
+        raise LogitcacheError(f"teacher was trained on '{made_on}' but the data set is '{split.dataset}'")
+    if teacher.info["num_classes"] != split.num_classes or teacher.info["in_channels"] != split.channels:
+        raise LogitcacheError(f"teacher has {teacher.info['num_classes']} classes/{teacher.info['in_channels']} channels, "
+                              f"data has {split.num_classes}/{split.channels}")
+    if cfg.topk is not None and cfg.topk >= split.num_classes:
+        raise LogitcacheError(f"dump.topk={cfg.topk} must be below the class count {split.num_classes}; "
+                              "use topk: null to store full logits")
+
+
+@torch.inference_mode()
+def _probe_shapes(taker: FeatureTaker, split: Split, prepare, device, pool: int) -> dict[str, tuple[int, ...]]:
+    out = taker(prepare(split.images[:2].to(device)))
+    return {name: tuple(_pool(t, pool).shape[1:]) for name, t in out.items()}
+
+
+def _pool(t: torch.Tensor, pool: int) -> torch.Tensor:
+    if pool and t.dim() == 4 and (t.shape[2] > pool or t.shape[3] > pool):
+        return F.adaptive_avg_pool2d(t, pool)
+    return t
+
+
+def _layout(cfg: DumpConfig, shapes: dict, v: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    arrays = {"index": ((), "int64"), "labels": ((), "int64"), "views/params": ((v, len(PARAM_FIELDS)), "int64")}
+    if cfg.topk:
+        arrays["topk_values"] = ((v, cfg.topk), cfg.logits_dtype)
+        arrays["topk_indices"] = ((v, cfg.topk), "int32")
+        arrays["topk_lse"] = ((v,), "float32")
+    else:
+        arrays["logits"] = ((v, *shapes["logits"]), cfg.logits_dtype)
+    for layer in cfg.layers:
+        arrays[f"features/{layer}"] = ((v, *shapes[layer]), "float16")
+    return arrays
+
+
+def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, vparams, shapes, taker) -> dict:
+    return {
+        "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "logitcache_version": __version__,
+        "teacher": teacher.identity(),
+        "dataset": split.identity(),
+        "transform": {"normalize": {"mean": list(split.mean), "std": list(split.std)}, "augment": spec.to_json(),
+                      "input": "uint8 view -> float32 / 255 -> normalize"},
+        "views": {"count": int(vparams.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
+                  else ("eval" if vparams.shape[1] == 1 else "random"),
+                  "seed": cfg.seed, "eval_view": eval_view(vparams, spec), "param_fields": list(PARAM_FIELDS)},
+        "dtypes": {"logits": cfg.logits_dtype, "features": "float16", "index": "int64", "labels": "int64"},
+        "layers": [{"name": name, "shape": list(shapes[name]), "dtype": "float16", "pooled_to": cfg.feature_pool or None,
+                    "activation": activation_side(taker.net, name)} for name in cfg.layers],
+        "topk": cfg.topk,
+    }
+
+
+def _fill(writer: CacheWriter, taker, dataset: ViewDataset, vparams, cfg: DumpConfig, prepare, device, amp) -> None:
+    n, v = vparams.shape[:2]
+    per_batch = max(1, cfg.batch_size // v)
+    start = writer.rows_done
+    rows = torch.utils.data.Subset(dataset, range(start, n))
+    loader = DataLoader(rows, batch_size=per_batch, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    background = BackgroundWriter(writer)
+    bar = tqdm(total=n, initial=start, desc=f"dump {dataset.split.name}", unit="sample", dynamic_ncols=True,
+               mininterval=1.0)
+    try:
+        for images, labels, index in loader:
+            b = len(labels)
+            x = prepare(images.flatten(0, 1).to(device, non_blocking=True))
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                out = taker(x)
+            batch = _rows(out, b, v, cfg, index)
+            batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/params": vparams[index.numpy()]})
+            background.submit(int(index[0]), batch)
+            bar.update(b)
+    finally:
+        bar.close()
+        background.drain()
+
+
+def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: torch.Tensor) -> dict[str, np.ndarray]:
+    logits = out["logits"].float().reshape(b, v, -1)
+    bad = ~torch.isfinite(logits).all(dim=(1, 2))
+    if bad.any():
+        raise LogitcacheError(f"teacher produced non-finite logits for sample(s) {index[bad.cpu()].tolist()[:20]}; "
+                              "check the teacher checkpoint and the data")
+    if cfg.logits_dtype == "float16" and logits.abs().max() > FLOAT16_MAX:
+        worst = index[(logits.abs().amax(dim=(1, 2)) > FLOAT16_MAX).cpu()].tolist()[:20]
+        raise LogitcacheError(f"logits of sample(s) {worst} overflow float16; set dump.logits_dtype=float32")
+    rows = {}
+    if cfg.topk:
+        values, indices = logits.topk(cfg.topk, dim=-1)
+        rows["topk_values"] = values.cpu().numpy().astype(cfg.logits_dtype)
+        rows["topk_indices"] = indices.cpu().numpy().astype(np.int32)
+        rows["topk_lse"] = torch.logsumexp(logits, dim=-1).cpu().numpy()
+    else:
+        rows["logits"] = logits.cpu().numpy().astype(cfg.logits_dtype)
+    for layer in cfg.layers:
+        feats = _pool(out[layer].float(), cfg.feature_pool)
+        feats = feats.reshape(b, v, *feats.shape[1:]).clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        rows[f"features/{layer}"] = feats.cpu().numpy().astype(np.float16)
+    return rows
+
+
+def _verify_and_score(writer: CacheWriter, split: Split, record: dict) -> dict:
+    """Read every array back (checksums, finiteness, labels) and score the teacher on the cached logits."""
+    f = writer.file
+    path = writer.partial
+    if not np.array_equal(read_rows(f["index"], slice(None), path), np.arange(len(split))):
+        raise LogitcacheError(f"{path}: index column is not 0..N-1 after the dump; rerun with --overwrite")
+    if not np.array_equal(read_rows(f["labels"], slice(None), path), split.labels.numpy()):
+        raise LogitcacheError(f"{path}: labels differ from the data set after the dump; rerun with --overwrite")
+    for name in [k for k in writer.arrays if k.startswith(("logits", "topk_values", "features/"))]:
+        ds = f[name]
+        for lo in range(0, len(split), ds.chunks[0] * 8):
+            block = read_rows(ds, slice(lo, lo + ds.chunks[0] * 8), path)
+            if not np.isfinite(block).all():
+                raise LogitcacheError(f"{path}: {name} holds non-finite values near row {lo}; rerun with --overwrite")
+    top1 = read_rows(f["topk_indices"], (slice(None), slice(None), 0), path) if record["topk"] \
+        else read_rows(f["logits"], slice(None), path).argmax(-1)
+    hits = top1 == split.labels.numpy()[:, None]
+    ev = record["views"]["eval_view"]
+    return {"all_views": float(hits.mean()), "eval_view": None if ev is None else float(hits[:, ev].mean())}

@@ -1,0 +1,90 @@
+"""`logitcache inspect`: what a cache holds, and whether it still agrees with its teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache_reader import Cache
+from .config import DataConfig
+from .data import load_split
+from .dump import FeatureTaker, _pool, load_teacher
+from .errors import LogitcacheError
+from .views import ViewRenderer, ViewSpec, normalizer
+
+
+def describe(path: str | Path) -> dict:
+    """Summary of any cache file, complete or not (an unfinished .partial reports complete: false)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LogitcacheError(f"cache {path} does not exist or is not a file")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _json(v) for k, v in f.attrs.items()}
+            arrays = {}
+            f.visititems(lambda name, obj: arrays.__setitem__(name, (obj.shape, str(obj.dtype)))
+                         if isinstance(obj, h5py.Dataset) else None)
+    except OSError as e:
+        raise LogitcacheError(f"cache {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); it is damaged") from None
+    n = arrays.get("index", ((0,),))[0][0]
+    size = path.stat().st_size
+    return {"path": str(path), "complete": attrs.get("complete") is True, "teacher": attrs.get("teacher"),
+            "dataset": attrs.get("dataset"), "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
+            "topk": attrs.get("topk"), "teacher_accuracy": attrs.get("teacher_accuracy"),
+            "rows_done": attrs.get("rows_done"), "arrays": {k: {"shape": list(s), "dtype": d} for k, (s, d) in arrays.items()},
+            "bytes": size, "bytes_per_sample": size / n if n else None}
+
+
+def _json(value):
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value.item() if hasattr(value, "item") else value
+
+
+def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples: int = 64, seed: int = 0,
+           atol: float = 0.05, min_cosine: float = 0.999) -> dict:
+    """Recompute random (sample, view) rows with the teacher and compare; raises beyond tolerance."""
+    with Cache(path) as cache:
+        teacher = load_teacher(teacher_path)
+        if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
+            raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path})")
+        split = load_split(data, cache.meta["dataset"]["split"])
+        cache.check_matches(split)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
+        views = rng.integers(0, cache.num_views, size=len(rows))
+        params = cache.view_params()[rows, views]
+        spec = ViewSpec(**{"padding": cache.meta["transform"]["augment"]["crop_padding"],
+                           "flip": cache.meta["transform"]["augment"]["flip"],
+                           "policy": tuple(cache.meta["transform"]["augment"]["policy"])})
+        render = ViewRenderer(spec)
+        images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
+        taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
+        with torch.inference_mode():
+            out = taker(normalizer(split.mean, split.std)(images))
+        cached = cache.logits(rows)[np.arange(len(rows)), views]
+        live = out["logits"].float()
+        if cache.meta["topk"]:
+            k = cache.meta["topk"]
+            live_top = live.topk(k, dim=-1)
+            max_diff = (live_top.values - cached.gather(1, live_top.indices)).abs().max().item()
+        else:
+            max_diff = (live - cached).abs().max().item()
+        kl = F.kl_div(F.log_softmax(cached, -1), F.log_softmax(live, -1), log_target=True, reduction="batchmean").item()
+        report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1": kl, "cosine": {}}
+        for name, layer in cache.layers.items():
+            stored = torch.from_numpy(cache.read(f"features/{name}", rows)[np.arange(len(rows)), views]).float()
+            fresh = _pool(out[name].float(), layer["pooled_to"] or 0)
+            report["cosine"][name] = F.cosine_similarity(stored.flatten(1), fresh.flatten(1), dim=1).min().item()
+    bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if max_diff > atol else []
+    bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]
+    report["ok"] = not bad
+    if bad:
+        raise LogitcacheError(f"{path} does not match its teacher: {'; '.join(bad)}")
+    return report

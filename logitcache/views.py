@@ -1,0 +1,154 @@
+"""Augmented views that can be replayed bit-identically.
+
+A view of sample i is fixed by four integers, `(seed, top, left, flip)`: a crop
+offset into the zero-padded image, a horizontal flip, and the seed of any extra
+transforms.v2 policy (-1: no policy, as in the evaluation view). They are derived from (run seed, sample index, view number)
+by a counter-based hash, stored in the cache, and `render_view` turns them back
+into the exact uint8 input the teacher saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .config import AugmentConfig
+from .errors import LogitcacheError
+
+PARAM_FIELDS = ("seed", "top", "left", "flip")
+EVAL_SEED = -1
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The augmentation policy that maps view parameters to an input image."""
+
+    padding: int
+    flip: bool
+    policy: tuple[dict[str, Any], ...] = field(default=())
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> "ViewSpec":
+        return cls(cfg.crop_padding, cfg.flip, tuple(cfg.policy))
+
+    @property
+    def discrete_count(self) -> int | None:
+        """Number of distinct views when the policy is a finite grid (crop offsets x flip), else None."""
+        if self.policy:
+            return None
+        return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
+
+    def to_json(self) -> dict:
+        return {"crop_padding": self.padding, "flip": self.flip, "policy": list(self.policy)}
+
+    def random_transform(self, size: tuple[int, int]) -> v2.Transform:
+        """The same policy as an ordinary random transform, for teacher training."""
+        ops: list[v2.Transform] = []
+        if self.padding:
+            ops.append(v2.RandomCrop(size, padding=self.padding))
+        if self.flip:
+            ops.append(v2.RandomHorizontalFlip())
+        ops.extend(_policy_ops(self.policy))
+        return v2.Compose(ops) if ops else v2.Identity()
+
+
+def _policy_ops(policy) -> list[v2.Transform]:
+    ops = []
+    for op in policy:
+        kwargs = {k: v for k, v in op.items() if k != "name"}
+        try:
+            ops.append(getattr(v2, op["name"])(**kwargs))
+        except TypeError as e:
+            raise LogitcacheError(f"augment policy op {op['name']}: {e}") from None
+    return ops
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash: view parameters depend on (seed, index, view) alone."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _hash(seed: int, index: np.ndarray, view: np.ndarray, salt: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(index.shape, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
+        for part in (index.astype(np.uint64), view.astype(np.uint64), np.full(index.shape, salt, dtype=np.uint64)):
+            h = _splitmix64(h ^ part)
+    return h
+
+
+def view_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: int | str) -> np.ndarray:
+    """Parameters of every (sample, view): int64 array (len(indices), V, 4) over PARAM_FIELDS.
+
+    views=1 is the evaluation view (no augmentation); with views=K>1, view 0 is the
+    evaluation view and views 1..K-1 are random. views="all" enumerates a discrete
+    policy's every view, in the same order for every sample.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    n = len(indices)
+    if views == "all":
+        count = spec.discrete_count
+        if count is None:
+            raise LogitcacheError("views=all needs a finite policy (crop and flip only); remove augment.policy or give a number")
+        v = np.arange(count)
+        side = 2 * spec.padding + 1
+        grid = np.stack([np.full(count, EVAL_SEED, dtype=np.int64), (v // (2 if spec.flip else 1)) // side,
+                         (v // (2 if spec.flip else 1)) % side, v % 2 if spec.flip else np.zeros(count, dtype=np.int64)], axis=1)
+        return np.broadcast_to(grid, (n, count, 4)).copy()
+    if views == 1:
+        return np.broadcast_to(np.array([EVAL_SEED, spec.padding, spec.padding, 0]), (n, 1, 4)).copy()
+    idx = np.repeat(indices[:, None], views, axis=1)
+    vv = np.broadcast_to(np.arange(views), (n, views))
+    side = np.uint64(2 * spec.padding + 1)
+    params = np.stack([
+        (_hash(seed, idx, vv, 0) >> np.uint64(1)).astype(np.int64),
+        (_hash(seed, idx, vv, 1) % side).astype(np.int64),
+        (_hash(seed, idx, vv, 2) % side).astype(np.int64),
+        (_hash(seed, idx, vv, 3) % np.uint64(2)).astype(np.int64) if spec.flip else np.zeros((n, views), dtype=np.int64),
+    ], axis=-1)
+    params[:, 0] = [EVAL_SEED, spec.padding, spec.padding, 0]
+    return params
+
+
+def eval_view(params: np.ndarray, spec: ViewSpec) -> int | None:
+    """Which view number is the un-augmented evaluation view (same for every sample), if any."""
+    target = [spec.padding, spec.padding, 0]
+    hits = np.flatnonzero((params[0, :, 1:] == target).all(axis=1) & ((params[0, :, 0] == EVAL_SEED) | (not spec.policy)))
+    return int(hits[0]) if len(hits) else None
+
+
+class ViewRenderer:
+    """Replays a view: pad, crop at (top, left), flip, then the seeded policy, on a uint8 image."""
+
+    def __init__(self, spec: ViewSpec):
+        self.spec = spec
+        self.policy = v2.Compose(_policy_ops(spec.policy)) if spec.policy else None
+
+    def __call__(self, image: torch.Tensor, params) -> torch.Tensor:
+        seed, top, left, flip = (int(p) for p in params)
+        height, width = image.shape[-2:]
+        x = image
+        if self.spec.padding:
+            x = TF.pad(x, [self.spec.padding])
+            x = TF.crop(x, top, left, height, width)
+        if flip:
+            x = TF.horizontal_flip(x)
+        if self.policy is not None and seed != EVAL_SEED:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.policy(x)
+        return x.contiguous()
+
+
+def normalizer(mean, std) -> v2.Transform:
+    """uint8 batch -> normalised float batch; run on the device, after the loader."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])

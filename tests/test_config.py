@@ -1,0 +1,51 @@
+import pytest
+import yaml
+
+from logitcache.config import Params, load_params
+from logitcache.errors import LogitcacheError
+
+
+def test_defaults_without_params_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_params() == Params()
+
+
+def test_repo_params_yaml_matches_builtin_defaults():
+    """params.yaml documents the defaults: a missing key means the same as the file's value."""
+    raw = yaml.safe_load(open("params.yaml"))
+    params = load_params("params.yaml")
+    for section in ("data", "teacher"):
+        assert getattr(params, section) == getattr(Params(), section), section
+        assert set(raw[section]) <= set(type(getattr(params, section)).model_fields)
+
+
+def test_overrides_apply_and_parse_yaml_values(tmp_path):
+    params = load_params(None, ["teacher.epochs=3", "teacher.augment.flip=false", "teacher.lr=0.05"])
+    assert params.teacher.epochs == 3 and params.teacher.augment.flip is False and params.teacher.lr == 0.05
+
+
+@pytest.mark.parametrize("override, words", [
+    ("teacher.lrr=0.1", "unknown key 'teacher.lrr'"),
+    ("teacher.lr=-0.1", "teacher.lr: Input should be greater than 0"),
+    ("teacher.epochs=-1", "teacher.epochs"),
+    ("teacher.model=resnet21", "unknown model 'resnet21'"),
+    ("data.dataset=mnist3", "data.dataset"),
+    ("teacher.augment.policy=[{name: NoSuchOp}]", "torchvision.transforms.v2"),
+    ("teacher", "section.key=value"),
+])
+def test_bad_values_are_one_line_errors(override, words):
+    with pytest.raises(LogitcacheError) as e:
+        load_params(None, [override])
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_or_bad_params_file(tmp_path):
+    with pytest.raises(LogitcacheError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(LogitcacheError, match="is a directory"):
+        load_params(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [1, 2\n")
+    with pytest.raises(LogitcacheError, match="not valid YAML"):
+        load_params(bad)

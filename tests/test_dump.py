@@ -1,0 +1,206 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from logitcache.cache_format import open_cache
+from logitcache.cache_reader import Cache
+from logitcache.cli import main
+from logitcache.config import validate
+from logitcache.data import load_split
+from logitcache.dump import FeatureTaker, dump_teacher, load_teacher
+from logitcache.errors import LogitcacheError
+from logitcache.teacher import train_teacher
+from logitcache.views import ViewRenderer, ViewSpec, normalizer
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(data_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    params = validate({"data": data_cfg.model_dump(),
+                       "teacher": {"model": "resnet8", "epochs": 1, "batch_size": 64, "workers": 0, "out": str(out)}})
+    train_teacher(params)
+    return out / "teacher.pt"
+
+
+def dump_params(data_cfg, teacher_ckpt, out, **dump):
+    settings = {"teacher": str(teacher_ckpt), "out": str(out), "views": 3, "layers": ["layer2"],
+                "feature_pool": 2, "batch_size": 96, "workers": 0, "splits": ["train"], **dump}
+    return validate({"data": data_cfg.model_dump(), "dump": settings})
+
+
+def test_round_trip_rows_equal_independently_recomputed_teacher_outputs(data_cfg, teacher_ckpt, tmp_path):
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path)
+    [path] = dump_teacher(params)
+    f, meta = open_cache(path)
+    assert meta["views"]["count"] == 3 and meta["dataset"]["count"] == 600
+    assert meta["layers"] == [{"name": "layer2", "shape": [32, 2, 2], "dtype": "float16", "pooled_to": 2,
+                               "activation": "after"}]
+    assert f["logits"].dtype == np.float16 and f["logits"].fletcher32 and f["logits"].chunks[1:] == (3, 10)
+    split = load_split(data_cfg, "train")
+    teacher = load_teacher(teacher_ckpt)
+    rows = np.array([0, 17, 599])
+    render = ViewRenderer(ViewSpec(2, True))
+    images = torch.stack([render(split.images[i], p) for i in rows for p in f["views/params"][i]])
+    with torch.inference_mode():
+        logits = teacher.model(normalizer(split.mean, split.std)(images)).reshape(3, 3, 10)
+        feats = torch.nn.functional.adaptive_avg_pool2d(
+            FeatureTaker(teacher.model, ["layer2"])(normalizer(split.mean, split.std)(images))["layer2"], 2)
+    assert np.allclose(f["logits"][rows], logits.numpy(), atol=2e-2, rtol=2e-3)
+    assert np.allclose(f["features/layer2"][rows], feats.reshape(3, 3, 32, 2, 2).numpy(), atol=2e-2, rtol=2e-3)
+    assert np.array_equal(f["index"][:], np.arange(600))
+    assert np.array_equal(f["labels"][:], split.labels.numpy())
+    assert abs(meta["teacher_accuracy"]["eval_view"] - (logits[:, 0].argmax(1) == split.labels[rows]).float().mean()) <= 1
+    f.close()
+
+
+def test_replayed_view_is_bit_identical_to_the_dumped_input(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
+    seen = []
+    original = FeatureTaker.forward
+    monkeypatch.setattr(FeatureTaker, "forward", lambda self, x: seen.append(x.clone()) or original(self, x))
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=[],
+                         augment={"crop_padding": 2, "flip": True, "policy": [{"name": "ColorJitter", "brightness": 0.5}]})
+    [path] = dump_teacher(params)
+    dumped = torch.cat(seen[1:])  # seen[0] is the shape probe
+    split = load_split(data_cfg, "train")
+    with Cache(path) as cache:
+        spec = ViewSpec(2, True, ({"name": "ColorJitter", "brightness": 0.5},))
+        vp = cache.view_params()
+    render = ViewRenderer(spec)
+    replay = torch.stack([render(split.images[i], vp[i, v]) for i in range(600) for v in range(3)])
+    assert torch.equal(normalizer(split.mean, split.std)(replay), dumped)
+
+
+def test_existing_cache_is_not_overwritten(data_cfg, teacher_ckpt, tmp_path):
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path, views=1, layers=[])
+    [path] = dump_teacher(params)
+    before = path.stat().st_mtime_ns
+    with pytest.raises(LogitcacheError, match="already exists; pass --overwrite"):
+        dump_teacher(params)
+    assert path.stat().st_mtime_ns == before
+    again = dump_params(data_cfg, teacher_ckpt, tmp_path, views=1, layers=[], overwrite=True)
+    dump_teacher(again)
+
+
+def test_unknown_layer_lists_valid_names(data_cfg, teacher_ckpt, tmp_path):
+    with pytest.raises(LogitcacheError, match=r"unknown layer\(s\) layer9; valid names: .*layer2"):
+        dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path, layers=["layer9"]))
+    assert not list(tmp_path.glob("*.h5*"))
+
+
+def _broken_teacher(teacher_ckpt, tmp_path, value):
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ckpt["state_dict"]["fc.bias"][3] = value
+    path = tmp_path / "broken.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_non_finite_outputs_stop_the_run_naming_samples(data_cfg, teacher_ckpt, tmp_path):
+    broken = _broken_teacher(teacher_ckpt, tmp_path, float("nan"))
+    with pytest.raises(LogitcacheError, match=r"non-finite logits for sample\(s\) \[0, 1, 2"):
+        dump_teacher(dump_params(data_cfg, broken, tmp_path))
+    assert not (tmp_path / "train.h5").exists()
+
+
+def test_float16_overflow_is_detected(data_cfg, teacher_ckpt, tmp_path):
+    broken = _broken_teacher(teacher_ckpt, tmp_path, 1e6)
+    with pytest.raises(LogitcacheError, match="overflow float16; set dump.logits_dtype=float32"):
+        dump_teacher(dump_params(data_cfg, broken, tmp_path))
+    [path] = dump_teacher(dump_params(data_cfg, broken, tmp_path / "f32", logits_dtype="float32"))
+    with Cache(path) as cache:
+        assert cache.logits().max() > 1e5
+
+
+def test_reader_refuses_a_file_without_complete_flag(data_cfg, teacher_ckpt, tmp_path):
+    [path] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path, views=1, layers=[]))
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete"] = "false"
+    with pytest.raises(LogitcacheError, match="incomplete"):
+        Cache(path)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["complete"]
+    with pytest.raises(LogitcacheError, match="'complete' is missing"):
+        Cache(path)
+
+
+def test_topk_cache_reconstructs_probabilities_at_t1(data_cfg, teacher_ckpt, tmp_path):
+    full = Cache(dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "full", layers=[]))[0])
+    top = Cache(dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "top", layers=[], topk=3))[0])
+    p_full = full.logits().softmax(-1)
+    p_top = top.logits().softmax(-1)
+    idx = p_full.topk(3, dim=-1).indices
+    assert torch.allclose(p_top.gather(-1, idx), p_full.gather(-1, idx), atol=2e-3)
+    assert torch.allclose(p_top.sum(-1), torch.ones(600, 3), atol=1e-5)
+    assert top.meta["teacher_accuracy"] == full.meta["teacher_accuracy"]
+    with pytest.raises(LogitcacheError, match="topk=10 must be below"):
+        dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "bad", topk=10))
+
+
+def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
+    small = data_cfg.model_copy(update={"train_limit": 20})
+    params = validate({"data": data_cfg.model_dump(), "dump": {"teacher": str(teacher_ckpt), "out": str(tmp_path),
+                       "views": "all", "workers": 0, "splits": ["train"], "batch_size": 500}})
+    [path] = dump_teacher(params)
+    with Cache(path) as cache:
+        assert cache.num_views == 50 and cache.meta["views"]["mode"] == "all"
+        assert len({tuple(p) for p in cache.view_params()[5]}) == 50
+
+
+def test_inspect_with_and_without_verify(data_cfg, teacher_ckpt, tmp_path):
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path)
+    [path] = dump_teacher(params)
+    runner = CliRunner()
+    plain = runner.invoke(main, ["inspect", str(path)])
+    assert plain.exit_code == 0, plain.output
+    assert "resnet8" in plain.output and "complete" in plain.output and "bytes/sample" in plain.output
+    data_args = ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300"]
+    ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    assert ok.exit_code == 0, ok.output
+    assert "-> OK" in ok.output
+    with h5py.File(path, "r+") as f:  # tamper with rows, keeping checksums valid
+        f["logits"][:] = f["logits"][:] + np.float16(1.0)
+    bad = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    assert bad.exit_code == 2 and "does not match its teacher" in bad.output
+
+
+def _content(path):
+    with h5py.File(path, "r") as f:
+        arrays = {}
+        f.visititems(lambda n, o: arrays.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+        return dict(f.attrs), arrays
+
+
+def test_sigkill_then_rerun_resumes_to_identical_content(data_cfg, teacher_ckpt, tmp_path):
+    args = [sys.executable, "-m", "logitcache", "dump-teacher", "-S", f"data.root={data_cfg.root}",
+            "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "dump.splits=[train]",
+            "-S", "dump.views=8", "-S", "dump.layers=[layer1]", "-S", "dump.feature_pool=0",
+            "-S", "dump.batch_size=64", "-S", "dump.workers=0", "--teacher", str(teacher_ckpt)]
+    reference = tmp_path / "reference"
+    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
+    partial = tmp_path / "killed" / "train.h5.partial"
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 2_000_000):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "train.h5").exists(), "the run finished before it was killed"
+    with h5py.File(partial, "r") as f:
+        done = int(f.attrs["rows_done"])
+    assert 0 < done < 600
+    subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    assert not partial.exists()
+    attrs_a, arrays_a = _content(reference / "train.h5")
+    attrs_b, arrays_b = _content(tmp_path / "killed" / "train.h5")
+    assert attrs_a == attrs_b
+    assert arrays_a.keys() == arrays_b.keys()
+    assert all(np.array_equal(arrays_a[k], arrays_b[k]) for k in arrays_a)

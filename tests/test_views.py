@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from logitcache.config import AugmentConfig
+from logitcache.errors import LogitcacheError
+from logitcache.views import EVAL_SEED, ViewRenderer, ViewSpec, eval_view, view_params
+
+SPEC = ViewSpec(padding=2, flip=True)
+
+
+def test_params_depend_only_on_seed_index_and_view():
+    a = view_params(SPEC, 7, np.arange(100), 5)
+    b = view_params(SPEC, 7, np.arange(100), 5)
+    assert a.shape == (100, 5, 4) and np.array_equal(a, b)
+    # a sample's views do not depend on which other samples are asked for
+    assert np.array_equal(view_params(SPEC, 7, np.array([42]), 5)[0], a[42])
+    assert not np.array_equal(view_params(SPEC, 8, np.arange(100), 5)[:, 1:], a[:, 1:])
+    assert a[..., 1:3].min() >= 0 and a[..., 1:3].max() <= 4 and set(np.unique(a[:, 1:, 3])) == {0, 1}
+
+
+def test_view_zero_is_the_evaluation_view():
+    p = view_params(SPEC, 0, np.arange(10), 4)
+    assert (p[:, 0] == [EVAL_SEED, 2, 2, 0]).all()
+    assert eval_view(p, SPEC) == 0
+    assert (view_params(SPEC, 0, np.arange(3), 1) == [EVAL_SEED, 2, 2, 0]).all()
+
+
+def test_all_enumerates_every_discrete_view_once():
+    p = view_params(SPEC, 0, np.arange(3), "all")
+    assert p.shape == (3, 50, 4)
+    assert len({tuple(row) for row in p[0]}) == 50
+    assert p[0, eval_view(p, SPEC)].tolist() == [EVAL_SEED, 2, 2, 0]
+    cifar = ViewSpec(padding=4, flip=True)
+    assert view_params(cifar, 0, np.arange(1), "all").shape[1] == 162
+    with pytest.raises(LogitcacheError, match="finite policy"):
+        view_params(ViewSpec(2, True, ({"name": "ColorJitter", "brightness": 0.5},)), 0, np.arange(2), "all")
+
+
+def test_render_crops_the_padded_image_and_flips():
+    image = torch.arange(1 * 6 * 6, dtype=torch.uint8).reshape(1, 6, 6)
+    render = ViewRenderer(SPEC)
+    assert torch.equal(render(image, [EVAL_SEED, 2, 2, 0]), image)
+    shifted = render(image, [EVAL_SEED, 0, 2, 0])  # content moves down by 2, zero rows on top
+    assert torch.equal(shifted[:, 2:], image[:, :4]) and shifted[:, :2].sum() == 0
+    assert torch.equal(render(image, [EVAL_SEED, 2, 2, 1]), image.flip(-1))
+
+
+def test_policy_views_replay_bit_identically_and_leave_global_rng_alone():
+    spec = ViewSpec.from_config(AugmentConfig(policy=[{"name": "ColorJitter", "brightness": 0.8, "contrast": 0.8}]))
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    params = view_params(spec, 3, np.arange(1), 3)[0]
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = [ViewRenderer(spec)(image, p) for p in params]
+    assert torch.equal(torch.rand(1), expected_next)
+    again = [ViewRenderer(spec)(image, p) for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[1], first[2])
+    assert torch.equal(first[0], image)  # the evaluation view skips the policy
