@@ -168,6 +168,51 @@ def _format_summary(info: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command("train-student")
+@click.argument("name", default="default")
+@params_options({})
+@click.option("--mode", type=click.Choice(["ce", "kd", "feature", "kd+feature"]), default=None, help="Override the mode.")
+@click.option("--online", is_flag=True, default=None, help="Reference mode: compute targets with the live teacher.")
+def train_student_cmd(params, name, mode, online) -> None:
+    """Train student NAME (a key of students: in params.yaml) against the teacher cache.
+
+    Keys of students.NAME override the student defaults; -S students.NAME.key=value overrides one.
+
+    \b
+    Example:
+      logitcache train-student kd
+      logitcache train-student kd -S students.kd.temperature=8 -S students.kd.out=data/students/kd_t8
+      logitcache train-student --mode ce -S students.default.labeled_fraction=0.1
+    """
+    from .student import train_student
+
+    updates = {k: v for k, v in {"mode": mode, "online": online}.items() if v is not None}
+    if updates:
+        student = params.student(name).model_copy(update=updates)
+        params = params.model_copy(update={"students": {**params.students, name: student}})
+    m = train_student(params, name)
+    agreement = "" if m["agreement"] is None else f", agreement {m['agreement']:.4f}"
+    click.echo(f"student {name} ({m['mode']}): test accuracy {m['test_acc']:.4f}{agreement} -> {params.student(name).out}")
+
+
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--test-cache", default=None, help="Test-split cache for agreement/KL [default: the run's].")
+def evaluate_cmd(checkpoint, device, test_cache) -> None:
+    """Compute a student checkpoint's test metrics (accuracy, agreement, KL, size, speed) without retraining.
+
+    \b
+    Example:
+      logitcache evaluate data/students/kd/student.pt
+    """
+    import json
+
+    from .evaluate import evaluate_checkpoint
+
+    click.echo(json.dumps(evaluate_checkpoint(checkpoint, device, test_cache), indent=2, sort_keys=True))
+
+
 @main.command("models")
 def models_cmd() -> None:
     """List every model name the registry builds (small-image families, students, torchvision).

@@ -127,10 +127,55 @@ class DumpConfig(Section):
         return views
 
 
+Schedule = Literal["constant", "linear", "cosine", "step"]
+
+
+class StudentConfig(TrainConfig):
+    """Phase two: a student trained against one or more caches (or plain CE)."""
+
+    model: str = "cnn_small"
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0)
+    mode: Literal["ce", "kd", "feature", "kd+feature"] = "kd"
+    caches: list[str] = Field(["data/cache/train.h5"], description="training-split caches; several = ensemble")
+    test_cache: str | None = Field("data/cache/test.h5", description="test-split cache for agreement/KL metrics")
+    teacher: str = Field("data/teacher/teacher.pt", description="teacher checkpoint, used only with --online")
+    online: bool = Field(False, description="reference mode: compute the same targets with the live teacher")
+    temperature: float = Field(4.0, gt=0)
+    temperature_end: float | None = Field(None, gt=0)
+    temperature_schedule: Schedule = "constant"
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs CE")
+    alpha_end: float | None = Field(None, ge=0, le=1)
+    alpha_schedule: Schedule = "constant"
+    combine: Literal["probs", "kl"] = Field("probs", description="several caches: average distributions or KL terms")
+    student_layer: str | None = Field(None, description="student node for the hint (logitcache layers MODEL)")
+    teacher_layer: str | None = Field(None, description="cached teacher layer the hint imitates")
+    feature_loss: Literal["mse", "normalized_mse", "cosine"] = "mse"
+    feature_weight: float = Field(1.0, ge=0)
+    view_sampling: Literal["random", "round_robin"] = "random"
+    augment: AugmentConfig | None = Field(None, description="random augmentation; with a cache only for 1-view caches "
+                                          "and force_augment")
+    force_augment: bool = False
+    labeled_fraction: float = Field(1.0, gt=0, le=1)
+    labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
+    labels_seed: int = Field(0, description="seed of the labeled subset, shared by every student seed")
+    feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
+    out: str = "data/students/default"
+
+
 class Params(Section):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     dump: DumpConfig = DumpConfig()
+    students: dict[str, StudentConfig] = Field(default_factory=dict)
+
+    def student(self, name: str) -> StudentConfig:
+        if name in self.students:
+            return self.students[name]
+        if name == "default":
+            return StudentConfig()
+        known = ", ".join(self.students) or "none"
+        raise LogitcacheError(f"no student '{name}' in params (students: {known}); add it under students:")
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Params:

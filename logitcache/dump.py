@@ -22,7 +22,7 @@ from .config import DumpConfig, Params
 from .data import Split, load_split
 from .errors import LogitcacheError
 from .models import build_model, feature_nodes
-from .train import load_checkpoint, select_device
+from .train import load_checkpoint, place, select_device, to_input
 from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, view_params
 
 
@@ -34,7 +34,8 @@ class Teacher:
 
     def identity(self) -> dict:
         return {"model": self.info["model"], "checkpoint_sha256": self.sha256,
-                "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"]}
+                "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"],
+                "params": sum(p.numel() for p in self.model.parameters())}
 
 
 def load_teacher(path: str | Path) -> Teacher:
@@ -116,7 +117,7 @@ def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     n, v = vparams.shape[:2]
     device = select_device(cfg.device)
-    taker = FeatureTaker(teacher.model, cfg.layers).to(device).eval()
+    taker = place(FeatureTaker(teacher.model, cfg.layers), device).eval()
     prepare = normalizer(split.mean, split.std)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
     shapes = _probe_shapes(taker, split, prepare, device, cfg.feature_pool)
@@ -199,7 +200,7 @@ def _fill(writer: CacheWriter, taker, dataset: ViewDataset, vparams, cfg: DumpCo
     try:
         for images, labels, index in loader:
             b = len(labels)
-            x = prepare(images.flatten(0, 1).to(device, non_blocking=True))
+            x = to_input(images.flatten(0, 1), device, prepare)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 out = taker(x)
             batch = _rows(out, b, v, cfg, index)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from .config import Params, save_config
 from .data import IndexedDataset, load_split
 from .models import build_model
-from .train import (autocast, make_loader, make_optimizer, predict, save_checkpoint, seed_everything,
-                    select_device, topk_accuracy, train_epoch, write_json)
+from .train import (autocast, make_loader, make_optimizer, place, predict, save_checkpoint, seed_everything,
+                    select_device, to_input, topk_accuracy, train_epoch, write_json)
 from .views import ViewSpec, normalizer
 
 CHECKPOINT = "teacher.pt"
@@ -25,7 +25,7 @@ def train_teacher(params: Params) -> dict:
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
     train, test = load_split(params.data, "train"), load_split(params.data, "test")
-    model = build_model(cfg.model, train.channels, train.num_classes).to(device)
+    model = place(build_model(cfg.model, train.channels, train.num_classes), device)
     prepare = normalizer(train.mean, train.std)
     augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
     loader = make_loader(IndexedDataset(train, augment), cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -36,7 +36,7 @@ def train_teacher(params: Params) -> dict:
 
     def step(batch):
         images, labels, _ = batch
-        images, labels = prepare(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        images, labels = to_input(images, device, prepare), labels.to(device, non_blocking=True)
         with autocast(device):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)

@@ -1,0 +1,86 @@
+"""Test-split metrics of a trained model, the same whether called after training or by `logitcache evaluate`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache_reader import Cache
+from .config import DataConfig
+from .data import IndexedDataset, load_split
+from .errors import LogitcacheError
+from .models import build_model
+from .train import load_checkpoint, make_loader, place, predict, select_device, topk_accuracy
+from .views import normalizer
+
+
+def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None) -> dict:
+    """Accuracy, agreement and KL with the teacher (from the test cache), size and speed."""
+    test = load_split(data, "test")
+    loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
+    prepare = normalizer(test.mean, test.std)
+    logits, labels = predict(model, loader, device, prepare)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = {"test_acc": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
+               "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
+               "teacher_test_acc": None}
+    if test_cache and Path(test_cache).exists():
+        with Cache(test_cache) as cache:
+            cache.check_matches(test)
+            teacher = cache.logits()[:, cache.meta["views"]["eval_view"] or 0]
+            teacher_params = cache.meta["teacher"].get("params")
+        metrics["agreement"] = (teacher.argmax(1) == logits.argmax(1)).float().mean().item()
+        metrics["kl_to_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher, 1), log_target=True,
+                                            reduction="batchmean").item()
+        metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
+        metrics["compression"] = teacher_params / n_params if teacher_params else None
+    metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
+    return metrics
+
+
+@torch.inference_mode()
+def _speed(model: nn.Module, shape, device: torch.device, prepare) -> dict:
+    """Latency at batch 1 (median ms/image) and throughput at batch 256 (images/s) on this device."""
+    model.eval()
+
+    def timed(batch: int, repeats: int) -> list[float]:
+        x = prepare(torch.zeros(batch, *shape, dtype=torch.uint8, device=device)).contiguous(
+            memory_format=torch.channels_last)
+        for _ in range(5):  # warm-up: allocator and kernel selection
+            model(x)
+        out = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+        return out
+
+    latency = statistics.median(timed(1, 30)) * 1000
+    throughput = 256 / statistics.median(timed(256, 5))
+    return {"latency_ms": latency, "throughput_img_s": throughput}
+
+
+def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str | None = None) -> dict:
+    """Judge a student checkpoint on its own: same metrics as at the end of its training run."""
+    ckpt = load_checkpoint(path)
+    info = ckpt.get("model_info")
+    if not isinstance(info, dict):
+        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
+    model = build_model(info["model"], info["in_channels"], info["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {str(e).splitlines()[1].strip()}") from None
+    dev = select_device(device)
+    data = DataConfig.model_validate(ckpt["config"]["data"])
+    student = ckpt["config"].get("student", {})
+    return evaluate_model(place(model, dev), data, dev, test_cache or student.get("test_cache"))

@@ -1,0 +1,194 @@
+"""Phase two: train a student against the cache (or, with --online, the live teacher, for reference).
+
+The whole flow is here, top to bottom: check the caches against the data, choose the
+labeled rows, build the batches (replayed views + cached targets), train, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from .cache_reader import Cache
+from .config import Params, StudentConfig, save_config
+from .data import Split, load_split
+from .distill import METHODS, Method, Targets
+from .dump import FeatureTaker, _pool, load_teacher
+from .errors import LogitcacheError
+from .evaluate import evaluate_model
+from .models import build_model, feature_nodes
+from .student_data import CachedColumn, StudentBatches, ViewBatchSampler
+from .train import (autocast, make_loader, make_optimizer, place, save_checkpoint, seed_everything, select_device,
+                    to_input, train_epoch, write_json)
+from .views import ViewRenderer, ViewSpec, normalizer
+
+
+def train_student(params: Params, name: str = "default") -> dict:
+    cfg = params.student(name)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    train = load_split(params.data, "train")
+    method_cls = METHODS[cfg.mode]
+    distilling = cfg.mode != "ce"
+    meta = _open_caches(cfg, train) if distilling else None
+    labeled = labeled_mask(cfg, len(train))
+    rows = np.arange(len(train)) if distilling else np.flatnonzero(labeled)
+
+    student = build_model(cfg.model, train.channels, train.num_classes)
+    nodes = feature_nodes(student)
+    taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **(
+        {cfg.student_layer: "feature"} if method_cls.uses_features else {})}), device)
+    method = _make_method(cfg, method_cls, taker, train, meta, device)
+    dataset, sampler = _batches(cfg, train, labeled, rows, meta)
+    loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed, workers=cfg.workers, device=device,
+                         sampler=sampler)
+    optimizer, scheduler = make_optimizer([*taker.parameters(), *method.parameters()], cfg, len(sampler))
+    prepare = normalizer(train.mean, train.std)
+    online = _online_teacher(cfg, meta, device) if cfg.online and distilling else None
+    progress = {"value": 0.0}
+
+    def step(batch):
+        images, labels, labeled_rows, logits, features = batch
+        x = to_input(images, device, prepare)
+        if online is not None:
+            logits, features = online(x)
+        targets = Targets(labels.to(device), labeled_rows.to(device), [t.to(device) for t in logits],
+                          {k: v.to(device) for k, v in features.items()})
+        with autocast(device):
+            out = taker(x)
+            loss, _ = method(out["logits"].float(), out.get("feature"), targets, progress["value"])
+        return loss, out["logits"], targets.labels
+
+    history = []
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        progress["value"] = epoch / cfg.epochs
+        stats = train_epoch(taker, loader, step, optimizer, scheduler, desc=f"{name} {epoch + 1}/{cfg.epochs}",
+                            modules=[method])
+        history.append({"epoch": epoch + 1, **stats})
+        print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
+              f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
+
+    metrics = evaluate_model(student, params.data, device, cfg.test_cache)  # shares the taker's trained modules
+    metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=cfg.mode,
+                   labeled=int(labeled.sum()), online=cfg.online)
+    config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
+    save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config, adapters=_cpu(method.state_dict()),
+                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "history.json", history)
+    save_config({"data": params.data, "student": cfg}, out / "config.json")
+    return metrics
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def labeled_mask(cfg: StudentConfig, n: int) -> np.ndarray:
+    """Which rows the CE term may use: an explicit index list, or a seeded fraction shared by all student seeds."""
+    mask = np.zeros(n, dtype=bool)
+    if cfg.labeled_indices:
+        path = Path(cfg.labeled_indices)
+        if not path.is_file():
+            raise LogitcacheError(f"labeled_indices file {path} does not exist")
+        try:
+            indices = np.asarray(json.loads(path.read_text()), dtype=np.int64)
+        except (ValueError, TypeError):
+            raise LogitcacheError(f"labeled_indices file {path} must hold a JSON list of sample indices") from None
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= n)):
+            raise LogitcacheError(f"labeled_indices in {path} must be integers in [0, {n})")
+        mask[indices] = True
+        return mask
+    count = max(1, round(cfg.labeled_fraction * n))
+    mask[np.random.default_rng(cfg.labels_seed).permutation(n)[:count]] = True
+    return mask
+
+
+def _open_caches(cfg: StudentConfig, train: Split) -> dict:
+    """Check every cache against the training data and each other; return what training needs of them."""
+    if not cfg.caches:
+        raise LogitcacheError(f"mode {cfg.mode} needs at least one cache in caches:")
+    first = None
+    for path in cfg.caches:
+        with Cache(path) as cache:
+            cache.check_matches(train)
+            if first is None:
+                first = {"views": cache.view_params(), "meta": cache.meta}
+            elif not np.array_equal(cache.view_params(), first["views"]):
+                raise LogitcacheError(f"{path} holds other views than {cfg.caches[0]}; several caches must share views")
+            if cache.num_classes != train.num_classes:
+                raise LogitcacheError(f"{path} has {cache.num_classes} classes, the data has {train.num_classes}")
+    layers = first["meta"]["layers"]
+    if cfg.mode in ("feature", "kd+feature"):
+        names = [layer["name"] for layer in layers]
+        if cfg.teacher_layer not in names or not cfg.student_layer:
+            raise LogitcacheError(f"mode {cfg.mode} needs student_layer and teacher_layer; cached teacher layers: "
+                                  f"{', '.join(names) or 'none (dump with --layers)'}")
+    return first
+
+
+def _make_method(cfg: StudentConfig, method_cls, taker, train: Split, meta, device) -> Method:
+    if not method_cls.uses_features:
+        return method_cls(cfg).to(device)
+    layer = next(layer for layer in meta["meta"]["layers"] if layer["name"] == cfg.teacher_layer)
+    with torch.no_grad():
+        probe = taker.eval()(normalizer(train.mean, train.std)(train.images[:2].to(device)))
+    return method_cls(cfg, tuple(probe["feature"].shape[1:]), tuple(layer["shape"])).to(device)
+
+
+def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.ndarray, meta):
+    """The dataset and sampler: replayed cached views with their targets, or plain images for CE."""
+    if meta is None:
+        spec = ViewSpec.from_config(cfg.augment) if cfg.augment else None
+        transform = spec.random_transform(train.image_size) if spec else None
+        return StudentBatches(train, labeled, transform=transform), \
+            ViewBatchSampler(rows, 1, cfg.batch_size, "random", cfg.seed)
+    views, info = meta["views"], meta["meta"]
+    count = views.shape[1]
+    if cfg.augment is not None and (count > 1 or not cfg.force_augment):
+        raise LogitcacheError(
+            f"augment is set but the student's views come from the cache ({count} view(s)); random augmentation "
+            "would show inputs the teacher never saw. Dump more views (dump.views) instead, or set "
+            "force_augment: true with a 1-view cache to accept mismatched targets")
+    budget = cfg.feature_budget_mb * 2**20
+    features = {cfg.teacher_layer: [CachedColumn(p, f"features/{cfg.teacher_layer}", budget) for p in cfg.caches][0]} \
+        if cfg.mode in ("feature", "kd+feature") and not cfg.online else {}
+    logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if not cfg.online else []
+    in_ram = all(c.array is not None for c in [*logits, *features.values()])
+    aug = info["transform"]["augment"]
+    spec = ViewSpec(aug["crop_padding"], aug["flip"], tuple(aug["policy"]))
+    if cfg.force_augment:
+        dataset = StudentBatches(train, labeled, transform=ViewSpec.from_config(cfg.augment).random_transform(
+            train.image_size), logits=logits, features=features)
+    else:
+        dataset = StudentBatches(train, labeled, render=ViewRenderer(spec), view_params=views, logits=logits,
+                                 features=features)
+    block = 1 if in_ram else 256
+    return dataset, ViewBatchSampler(rows, count, cfg.batch_size, cfg.view_sampling, cfg.seed, block)
+
+
+def _online_teacher(cfg: StudentConfig, meta, device):
+    """The reference path: the live teacher computes the same targets on the same inputs."""
+    teacher = load_teacher(cfg.teacher)
+    if teacher.sha256 != meta["meta"]["teacher"]["checkpoint_sha256"]:
+        raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")
+    layers = [cfg.teacher_layer] if cfg.mode in ("feature", "kd+feature") else []
+    pooled = {layer["name"]: layer["pooled_to"] or 0 for layer in meta["meta"]["layers"]}
+    taker = place(FeatureTaker(teacher.model, layers), device).eval()
+    dtype = meta["meta"]["dtypes"]["logits"]
+
+    @torch.no_grad()
+    def targets(x):
+        out = taker(x)
+        # round like the cache does, so online and cached runs differ only by where targets come from
+        logits = out["logits"].float().to(getattr(torch, dtype)).float()
+        return [logits], {name: _pool(out[name].float(), pooled[name]).half().float() for name in layers}
+
+    return targets

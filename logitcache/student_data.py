@@ -1,0 +1,106 @@
+"""Student batches: replayed views plus the cached teacher targets of exactly those (sample, view) pairs.
+
+The sampler yields whole batches of (row, view) pairs and the dataset builds the batch
+in the worker: it renders each view from its stored parameters (bit-identical to what
+the teacher saw) and takes the cached logits and features of those rows, from memory
+when they fit the budget, or by reading the HDF5 file (opened lazily in each worker).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .cache_reader import Cache
+from .data import Split
+from .views import ViewRenderer
+
+
+class ViewBatchSampler(Sampler):
+    """Batches of (row, view) pairs; which view a row shows changes each epoch (random or round-robin).
+
+    With `block` > 1 it shuffles blocks of consecutive rows, so disk reads stay chunk-friendly.
+    """
+
+    def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, block: int = 1):
+        self.rows, self.views, self.batch_size, self.mode, self.seed, self.block = rows, views, batch_size, mode, seed, block
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        starts = np.arange(0, len(self.rows), self.block)
+        order = np.concatenate([self.rows[s:s + self.block] for s in rng.permutation(starts)])
+        if self.mode == "random":
+            views = rng.integers(0, self.views, size=len(order))
+        else:
+            views = (order + self.epoch) % self.views
+        for lo in range(0, len(order), self.batch_size):
+            yield list(zip(order[lo:lo + self.batch_size].tolist(), views[lo:lo + self.batch_size].tolist()))
+
+
+class CachedColumn:
+    """One cached array (a cache's logits, or one feature layer), indexed by (rows, views)."""
+
+    def __init__(self, path: str | Path, name: str, budget_bytes: float):
+        self.path, self.name = Path(path), name
+        self.array: np.ndarray | None = None
+        self._cache: Cache | None = None
+        with Cache(path) as cache:
+            if self._nbytes(cache) <= budget_bytes:
+                self.array = self._read(cache, slice(None))
+
+    def _nbytes(self, cache: Cache) -> int:
+        if self.name == "logits":
+            return cache.num_samples * cache.num_views * cache.num_classes * 4
+        return cache.file[self.name].nbytes
+
+    def _read(self, cache: Cache, selection) -> np.ndarray:
+        return cache.logits(selection).numpy() if self.name == "logits" else cache.read(self.name, selection)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}  # h5py handles never cross process boundaries
+
+    def take(self, rows: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        if self.array is not None:
+            return torch.from_numpy(self.array[rows, views]).float()
+        if self._cache is None:
+            self._cache = Cache(self.path)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = self._read(self._cache, unique)  # one sorted read per batch
+        return torch.from_numpy(block[inverse, views]).float()
+
+
+class StudentBatches(Dataset):
+    """A batch of (row, view) pairs -> images, labels, labeled mask, teacher logits per cache, teacher features."""
+
+    def __init__(self, split: Split, labeled: np.ndarray, *, render: ViewRenderer | None = None,
+                 view_params: np.ndarray | None = None, transform: Callable | None = None,
+                 logits: list[CachedColumn] = (), features: dict[str, CachedColumn] | None = None):
+        self.split, self.labeled = split, torch.from_numpy(labeled)
+        self.render, self.view_params, self.transform = render, view_params, transform
+        self.logits, self.features = list(logits), features or {}
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, pairs):
+        rows = np.array([p[0] for p in pairs])
+        views = np.array([p[1] for p in pairs])
+        images = self.split.images[rows]
+        if self.render is not None:
+            images = torch.stack([self.render(img, self.view_params[r, v]) for img, r, v in zip(images, rows, views)])
+        elif self.transform is not None:
+            images = torch.stack([self.transform(img) for img in images])
+        return (images, self.split.labels[rows], self.labeled[rows],
+                [column.take(rows, views) for column in self.logits],
+                {name: column.take(rows, views) for name, column in self.features.items()})
