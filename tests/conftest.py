@@ -30,3 +30,28 @@ def small_params(data_cfg, tmp_path) -> Params:
         "teacher": {"model": "resnet8", "epochs": 2, "batch_size": 32, "lr": 0.05, "workers": 0,
                     "out": str(tmp_path / "teacher")},
     })
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(data_cfg, tmp_path_factory):
+    """A resnet8 teacher trained for 2 epochs on the 600 real samples."""
+    from logitcache.teacher import train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    params = validate({"data": data_cfg.model_dump(),
+                       "teacher": {"model": "resnet8", "epochs": 2, "batch_size": 32, "lr": 0.05, "workers": 0,
+                                   "out": str(out)}})
+    train_teacher(params)
+    return out / "teacher.pt"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(data_cfg, teacher_ckpt, tmp_path_factory):
+    """train.h5 (3 views, layer2 pooled to 2x2) and test.h5 from the session teacher."""
+    from logitcache.dump import dump_teacher
+
+    out = tmp_path_factory.mktemp("cache")
+    dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(teacher_ckpt), "out": str(out), "views": 3, "layers": ["layer2"], "feature_pool": 2,
+        "workers": 0}}))
+    return out

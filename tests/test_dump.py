@@ -17,17 +17,7 @@ from logitcache.config import validate
 from logitcache.data import load_split
 from logitcache.dump import FeatureTaker, dump_teacher, load_teacher
 from logitcache.errors import LogitcacheError
-from logitcache.teacher import train_teacher
 from logitcache.views import ViewRenderer, ViewSpec, normalizer
-
-
-@pytest.fixture(scope="session")
-def teacher_ckpt(data_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    params = validate({"data": data_cfg.model_dump(),
-                       "teacher": {"model": "resnet8", "epochs": 1, "batch_size": 64, "workers": 0, "out": str(out)}})
-    train_teacher(params)
-    return out / "teacher.pt"
 
 
 def dump_params(data_cfg, teacher_ckpt, out, **dump):

@@ -1,0 +1,166 @@
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from logitcache.cli import main
+from logitcache.config import validate
+from logitcache.data import load_split
+from logitcache.dump import ViewDataset, dump_teacher
+from logitcache.errors import LogitcacheError
+from logitcache.student import _batches, _open_caches, labeled_mask, train_student
+from logitcache.views import ViewRenderer, ViewSpec
+
+
+def student_params(data_cfg, cache_dir, tmp_path, **student):
+    settings = {"model": "cnn_tiny", "epochs": 2, "batch_size": 64, "lr": 0.05, "workers": 0,
+                "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
+                "out": str(tmp_path / "student"), **student}
+    return validate({"data": data_cfg.model_dump(), "students": {"s": settings}})
+
+
+def test_kd_student_learns_and_evaluate_reproduces_its_accuracy(data_cfg, cache_dir, tmp_path):
+    params = student_params(data_cfg, cache_dir, tmp_path, epochs=3)
+    metrics = train_student(params, "s")
+    history = json.loads((tmp_path / "student" / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["test_acc"] > 0.3 and metrics["agreement"] > 0.3
+    for key in ("test_top5", "kl_to_teacher", "params", "compression", "latency_ms", "throughput_img_s",
+                "seconds_per_epoch"):
+        assert metrics[key] is not None and metrics[key] > 0, key
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "student" / "student.pt")])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.output)
+    assert again["test_acc"] == metrics["test_acc"] and again["agreement"] == metrics["agreement"]
+
+
+def test_same_seed_same_student(data_cfg, cache_dir, tmp_path):
+    a = train_student(student_params(data_cfg, cache_dir, tmp_path / "a", epochs=1), "s")
+    b = train_student(student_params(data_cfg, cache_dir, tmp_path / "b", epochs=1), "s")
+    assert a["test_acc"] == b["test_acc"] and a["kl_to_teacher"] == b["kl_to_teacher"]
+
+
+@pytest.mark.parametrize("mode", ["ce", "feature", "kd+feature"])
+def test_other_modes_train(data_cfg, cache_dir, tmp_path, mode):
+    params = student_params(data_cfg, cache_dir, tmp_path, mode=mode, epochs=1, student_layer="block2",
+                            teacher_layer="layer2", feature_loss="cosine")
+    metrics = train_student(params, "s")
+    assert metrics["mode"] == mode and 0 <= metrics["test_acc"] <= 1
+    import torch
+    ckpt = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
+    assert bool(ckpt["adapters"]) == (mode != "ce")  # adapters kept apart from the student weights
+    assert not any(k.startswith("adapter") for k in ckpt["state_dict"])
+
+
+def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cache_dir, tmp_path):
+    params = student_params(data_cfg, cache_dir, tmp_path, mode="kd+feature", student_layer="block2",
+                            teacher_layer="layer2")
+    cfg = params.students["s"]
+    split = load_split(data_cfg, "train")
+    meta = _open_caches(cfg, split)
+    dataset, sampler = _batches(cfg, split, labeled_mask(cfg, len(split)), np.arange(len(split)), meta)
+    dumped = ViewDataset(split, meta["views"], ViewRenderer(ViewSpec(2, True)))
+    sampler.set_epoch(1)
+    pairs = next(iter(sampler))
+    images, labels, labeled, logits, features = dataset[pairs]
+    assert len({v for _, v in pairs}) > 1
+    with h5py.File(cache_dir / "train.h5") as f:
+        for k, (row, view) in enumerate(pairs):
+            assert np.array_equal(images[k].numpy(), dumped[row][0][view].numpy())
+            assert np.allclose(logits[0][k].numpy(), f["logits"][row, view].astype(np.float32))
+            assert np.allclose(features["layer2"][k].numpy(), f["features/layer2"][row, view].astype(np.float32))
+
+
+def test_round_robin_cycles_views_and_random_varies(data_cfg, cache_dir, tmp_path):
+    from logitcache.student_data import ViewBatchSampler
+
+    rr = ViewBatchSampler(np.arange(10), 3, 4, "round_robin", 0)
+    seen = []
+    for epoch in range(3):
+        rr.set_epoch(epoch)
+        seen.append({r: v for batch in rr for r, v in batch})
+    assert all(sorted(seen[e][r] for e in range(3)) == [0, 1, 2] for r in range(10))
+
+
+def test_labeled_fraction_masks_ce_rows(tmp_path):
+    params = validate({"students": {"s": {"labeled_fraction": 0.1, "labels_seed": 3}}})
+    mask = labeled_mask(params.students["s"], 600)
+    assert mask.sum() == 60
+    other_seed = params.students["s"].model_copy(update={"seed": 9})
+    assert np.array_equal(labeled_mask(other_seed, 600), mask)  # same labeled rows for every student seed
+    path = tmp_path / "labeled.json"
+    path.write_text(json.dumps([1, 5, 7]))
+    explicit = params.students["s"].model_copy(update={"labeled_indices": str(path)})
+    assert np.flatnonzero(labeled_mask(explicit, 600)).tolist() == [1, 5, 7]
+    path.write_text(json.dumps([1, 900]))
+    with pytest.raises(LogitcacheError, match=r"in \[0, 600\)"):
+        labeled_mask(explicit, 600)
+
+
+def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_dir, tmp_path):
+    metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, mode="ce", epochs=1,
+                                           labeled_fraction=0.25), "s")
+    assert metrics["labeled"] == 150
+
+
+def test_several_caches_must_share_views(data_cfg, teacher_ckpt, cache_dir, tmp_path):
+    dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(teacher_ckpt), "out": str(tmp_path / "other"), "views": 3, "seed": 5, "workers": 0,
+        "splits": ["train"]}}))
+    params = student_params(data_cfg, cache_dir, tmp_path, caches=[str(cache_dir / "train.h5"),
+                                                                   str(tmp_path / "other" / "train.h5")])
+    with pytest.raises(LogitcacheError, match="other views"):
+        train_student(params, "s")
+    same = student_params(data_cfg, cache_dir, tmp_path, epochs=1, combine="kl",
+                          caches=[str(cache_dir / "train.h5"), str(cache_dir / "train.h5")])
+    assert train_student(same, "s")["test_acc"] > 0
+
+
+def _copy(cache_dir, tmp_path, name="train.h5"):
+    dst = tmp_path / name
+    shutil.copy(cache_dir / name, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda f: f.attrs.__setitem__("schema_version", "99"), "schema version 99"),
+    (lambda f: f.attrs.__setitem__("complete", "false"), "incomplete"),
+    (lambda f: f["labels"].__setitem__(4, (f["labels"][4] + 1) % 10), "labels differ from the data at 1 row(s), first [4]"),
+    (lambda f: f.attrs.__setitem__("teacher", "{not json"), "attribute 'teacher' is not valid JSON"),
+    (lambda f: f.__delitem__("logits"), "dataset(s) logits missing"),
+])
+def test_damaged_or_mismatched_cache_is_refused(data_cfg, cache_dir, tmp_path, damage, words):
+    path = _copy(cache_dir, tmp_path)
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(LogitcacheError) as e:
+        train_student(student_params(data_cfg, cache_dir, tmp_path, caches=[str(path)]), "s")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cache_of_another_split_or_data_is_refused(data_cfg, cache_dir, tmp_path):
+    with pytest.raises(LogitcacheError, match="cache was made from split 'test', the training data has split 'train'"):
+        train_student(student_params(data_cfg, cache_dir, tmp_path, caches=[str(cache_dir / "test.h5")]), "s")
+    other = data_cfg.model_copy(update={"root": str(tmp_path / "other"), "train_limit": 500})
+    from logitcache.data import prepare_data
+    prepare_data(other)
+    params = validate({"data": other.model_dump(), "students": {"s": {
+        "caches": [str(cache_dir / "train.h5")], "out": str(tmp_path / "s"), "workers": 0}}})
+    with pytest.raises(LogitcacheError, match="cache was made from count 600, the training data has count 500"):
+        train_student(params, "s")
+
+
+def test_random_augmentation_on_a_cache_is_refused_unless_forced(data_cfg, teacher_ckpt, cache_dir, tmp_path):
+    aug = {"crop_padding": 2, "flip": True, "policy": []}
+    with pytest.raises(LogitcacheError, match="inputs the teacher never saw"):
+        train_student(student_params(data_cfg, cache_dir, tmp_path, augment=aug), "s")
+    [one_view] = dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(teacher_ckpt), "out": str(tmp_path / "one"), "views": 1, "workers": 0, "splits": ["train"]}}))
+    with pytest.raises(LogitcacheError, match="force_augment"):
+        train_student(student_params(data_cfg, cache_dir, tmp_path, augment=aug, caches=[str(one_view)]), "s")
+    forced = student_params(data_cfg, cache_dir, tmp_path, augment=aug, caches=[str(one_view)], force_augment=True,
+                            epochs=1)
+    assert train_student(forced, "s")["test_acc"] > 0
