@@ -89,8 +89,8 @@ class TrainConfig(Section):
 
 
 class TeacherConfig(TrainConfig):
-    model: str = "resnet20"
-    epochs: int = Field(5, ge=1)
+    model: str = "resnet8"
+    epochs: int = Field(10, ge=1)
     out: str = "data/teacher"
 
 
@@ -102,7 +102,7 @@ class DumpConfig(Section):
     views: int | Literal["all"] = Field(4, description="views per training sample; other splits use the evaluation view")
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
-    layers: list[str] = Field(default_factory=list, description="teacher node names to cache (logitcache layers MODEL)")
+    layers: list[str] = Field(["layer2"], description="teacher node names to cache (logitcache layers MODEL)")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
     logits_dtype: Literal["float16", "float32"] = "float16"
     topk: int | None = Field(None, ge=1, description="store only the k largest logits per view")

@@ -14,7 +14,7 @@ def test_repo_params_yaml_matches_builtin_defaults():
     """params.yaml documents the defaults: a missing key means the same as the file's value."""
     raw = yaml.safe_load(open("params.yaml"))
     params = load_params("params.yaml")
-    for section in ("data", "teacher"):
+    for section in ("data", "teacher", "dump"):
         assert getattr(params, section) == getattr(Params(), section), section
         assert set(raw[section]) <= set(type(getattr(params, section)).model_fields)
 

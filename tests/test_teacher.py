@@ -12,7 +12,7 @@ def test_short_teacher_training_learns_and_writes_a_safe_checkpoint(small_params
     out = small_params.teacher.out
     history = json.load(open(f"{out}/history.json"))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert metrics["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert metrics["test_acc"] > 0.4  # 10 classes: chance is 0.1
     raw = torch.load(f"{out}/teacher.pt", weights_only=True)
     ckpt = load_checkpoint(f"{out}/teacher.pt")
     assert ckpt["config"]["teacher"]["model"] == "resnet8"
