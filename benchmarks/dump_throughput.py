@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from logitcache.config import validate
-from logitcache.data import load_split
+from logitcache.config import DataConfig, validate
+from logitcache.data import load_split, prepare_data
 from logitcache.dump import ViewDataset, dump_teacher, load_teacher
 from logitcache.train import select_device
 from logitcache.views import ViewRenderer, ViewSpec, normalizer, view_params
@@ -77,7 +77,6 @@ def compression_table(path: Path, n: int) -> list[tuple[str, float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="data/teacher/teacher.pt")
-    ap.add_argument("--data-root", default="data/prepared")
     ap.add_argument("--samples", type=int, default=6000)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--layer", default="layer2")
@@ -88,9 +87,11 @@ def main() -> None:
     teacher = load_teacher(args.teacher)
     bare, dumped = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        data = {"root": f"{tmp}/data", "train_limit": args.samples, "test_limit": 100}
+        prepare_data(DataConfig(**data))  # a split of exactly --samples rows
         for r in range(args.repeats):
             params = validate({
-                "data": {"root": args.data_root, "train_limit": args.samples},
+                "data": data,
                 "dump": {"teacher": args.teacher, "views": args.views, "layers": [args.layer], "splits": ["train"],
                          "batch_size": args.batch_size, "workers": args.workers, "out": f"{tmp}/run{r}"},
             })

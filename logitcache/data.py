@@ -136,6 +136,7 @@ def prepare_data(cfg: DataConfig) -> dict:
             meta["mean"], meta["std"] = _statistics(spec, images)
     meta.update(classes=classes, num_classes=len(classes), channels=int(images.shape[1]), image_size=list(images.shape[2:]))
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    _atomic_write_text(out / "config.json", json.dumps({"data": cfg.model_dump(mode="json")}, indent=2) + "\n")
     return meta
 
 
