@@ -164,3 +164,39 @@ def test_random_augmentation_on_a_cache_is_refused_unless_forced(data_cfg, teach
     forced = student_params(data_cfg, cache_dir, tmp_path, augment=aug, caches=[str(one_view)], force_augment=True,
                             epochs=1)
     assert train_student(forced, "s")["test_acc"] > 0
+
+
+def test_over_budget_columns_read_from_disk_equal_in_memory(cache_dir):
+    import pickle
+
+    from logitcache.student_data import CachedColumn
+
+    for name in ("logits", "features/layer2"):
+        ram = CachedColumn(cache_dir / "train.h5", name, budget_bytes=1e12)
+        disk = CachedColumn(cache_dir / "train.h5", name, budget_bytes=0)
+        assert ram.array is not None and disk.array is None
+        rows, views = np.array([5, 3, 5, 599]), np.array([0, 2, 1, 2])
+        assert np.array_equal(ram.take(rows, views).numpy(), disk.take(rows, views).numpy())
+        clone = pickle.loads(pickle.dumps(disk))  # what a DataLoader worker receives: no open h5py handle
+        assert clone._cache is None and np.array_equal(clone.take(rows, views).numpy(), disk.take(rows, views).numpy())
+
+
+def test_workers_read_the_cache_lazily(data_cfg, cache_dir, tmp_path):
+    params = student_params(data_cfg, cache_dir, tmp_path, mode="kd+feature", student_layer="block2",
+                            teacher_layer="layer2", epochs=1, workers=1, feature_budget_mb=0)
+    assert train_student(params, "s")["test_acc"] > 0
+
+
+def test_online_reference_matches_cached_run(data_cfg, teacher_ckpt, cache_dir, tmp_path):
+    cached = train_student(student_params(data_cfg, cache_dir, tmp_path / "c", epochs=2), "s")
+    online = train_student(student_params(data_cfg, cache_dir, tmp_path / "o", epochs=2, online=True,
+                                          teacher=str(teacher_ckpt)), "s")
+    assert online["online"] and abs(online["test_acc"] - cached["test_acc"]) <= 0.02
+    with pytest.raises(LogitcacheError, match="not the checkpoint the cache was made from"):
+        import torch
+
+        other = tmp_path / "other.pt"
+        ckpt = torch.load(teacher_ckpt, weights_only=True)
+        ckpt["state_dict"]["fc.bias"] += 0.01
+        torch.save(ckpt, other)
+        train_student(student_params(data_cfg, cache_dir, tmp_path / "x", online=True, teacher=str(other)), "s")
