@@ -47,9 +47,9 @@ class CacheWriter:
         except OSError:  # killed mid-write beyond repair: start over
             self.partial.unlink()
             return None
-        if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays):
+        if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
             return f
-        f.close()  # made with other arguments: its rows are not ours
+        f.close()  # made with other arguments, or its committed rows were damaged by the kill: start over
         self.partial.unlink()
         return None
 
@@ -93,6 +93,23 @@ class CacheWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def _committed_rows_read(f: h5py.File) -> bool:
+    """Read every committed row back through its checksum: a kill during a later write can damage a shared chunk."""
+    done = int(f.attrs.get("rows_done", 0))
+    try:
+        for name in _dataset_names(f):
+            f[name][:done]
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def _dataset_names(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -211,6 +212,22 @@ def evaluate_cmd(checkpoint, device, test_cache) -> None:
     from .evaluate import evaluate_checkpoint
 
     click.echo(json.dumps(evaluate_checkpoint(checkpoint, device, test_cache), indent=2, sort_keys=True))
+
+
+@main.command("summarize")
+@click.option("--out", default="data/summary", show_default=True, help="Folder for metrics.json and summary.md.")
+@params_options({})
+def summarize_cmd(params, out) -> None:
+    """Compare the teacher and every student of params.yaml: a metrics file and a Markdown table.
+
+    \b
+    Example:
+      logitcache summarize && cat data/summary/summary.md
+    """
+    from .summary import summarize
+
+    summarize(params, out)
+    click.echo((Path(out) / "summary.md").read_text(), nl=False)
 
 
 @main.command("models")

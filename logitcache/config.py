@@ -160,6 +160,7 @@ class StudentConfig(TrainConfig):
     labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
     labels_seed: int = Field(0, description="seed of the labeled subset, shared by every student seed")
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
+    seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
     out: str = "data/students/default"
 
 

@@ -23,7 +23,7 @@ from .data import Split, load_split
 from .errors import LogitcacheError
 from .models import build_model, feature_nodes
 from .train import load_checkpoint, place, select_device, to_input
-from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, view_params
+from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = self.split.images[i]
-        views = torch.stack([self.renderer(image, p) for p in self.params[i]])
+        views = render_batch(self.renderer, image.expand(len(self.params[i]), *image.shape), self.params[i])
         return views, self.split.labels[i], i
 
 

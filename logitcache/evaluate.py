@@ -15,16 +15,19 @@ from .config import DataConfig
 from .data import IndexedDataset, load_split
 from .errors import LogitcacheError
 from .models import build_model
-from .train import load_checkpoint, make_loader, place, predict, select_device, topk_accuracy
+from .train import load_checkpoint, make_loader, place, predict, select_device, topk_accuracy, write_json
 from .views import normalizer
 
 
-def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None) -> dict:
+def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
+                   confusion: Path | None = None) -> dict:
     """Accuracy, agreement and KL with the teacher (from the test cache), size and speed."""
     test = load_split(data, "test")
     loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
     prepare = normalizer(test.mean, test.std)
     logits, labels = predict(model, loader, device, prepare)
+    if confusion is not None:
+        write_confusion(confusion, labels, logits.argmax(1))
     n_params = sum(p.numel() for p in model.parameters())
     metrics = {"test_acc": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
                "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
@@ -41,6 +44,12 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
         metrics["compression"] = teacher_params / n_params if teacher_params else None
     metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
     return metrics
+
+
+def write_confusion(path: Path, labels: torch.Tensor, predicted: torch.Tensor) -> None:
+    """One {actual, predicted} row per test sample: DVC's confusion-matrix plot template reads it."""
+    rows = [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels.tolist(), predicted.tolist())]
+    write_json(path, rows)
 
 
 @torch.inference_mode()

@@ -28,8 +28,36 @@ from .views import ViewRenderer, ViewSpec, normalizer
 
 
 def train_student(params: Params, name: str = "default") -> dict:
+    """Train student NAME once, or once per seed of `seeds` (in <out>/runs/seed<N>/) with mean and std in <out>."""
     cfg = params.student(name)
+    if not cfg.seeds:
+        return train_one(params, cfg, name, Path(cfg.out))
     out = Path(cfg.out)
+    runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}")
+            for seed in cfg.seeds]
+    summary = aggregate(runs, cfg.seeds)
+    histories = [json.loads((out / "runs" / f"seed{seed}" / "history.json").read_text()) for seed in cfg.seeds]
+    write_json(out / "metrics.json", summary)
+    write_json(out / "history.json", [{k: float(np.mean([h[i][k] for h in histories])) for k in histories[0][i]}
+                                      for i in range(len(histories[0]))])
+    (out / "confusion.json").write_bytes((out / "runs" / f"seed{cfg.seeds[0]}" / "confusion.json").read_bytes())
+    save_config({"data": params.data, "student": cfg}, out / "config.json")
+    return summary
+
+
+def aggregate(runs: list[dict], seeds: list[int]) -> dict:
+    """Mean and (sample) standard deviation of every numeric metric over seeds, plus each seed's figures."""
+    summary: dict = {"seeds": list(seeds), "mode": runs[0]["mode"], "online": runs[0]["online"]}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in runs]
+            summary[key] = float(np.mean(values))
+            summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    summary["per_seed"] = {str(s): {k: r[k] for k in ("test_acc", "agreement", "kl_to_teacher")} for s, r in zip(seeds, runs)}
+    return summary
+
+
+def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
@@ -75,7 +103,8 @@ def train_student(params: Params, name: str = "default") -> dict:
         print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
               f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
 
-    metrics = evaluate_model(student, params.data, device, cfg.test_cache)  # shares the taker's trained modules
+    # the student shares the taker's trained modules
+    metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
     metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=cfg.mode,
                    labeled=int(labeled.sum()), online=cfg.online)
     config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}

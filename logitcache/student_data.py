@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .cache_reader import Cache
 from .data import Split
-from .views import ViewRenderer
+from .views import ViewRenderer, render_batch
 
 
 class ViewBatchSampler(Sampler):
@@ -98,7 +98,7 @@ class StudentBatches(Dataset):
         views = np.array([p[1] for p in pairs])
         images = self.split.images[rows]
         if self.render is not None:
-            images = torch.stack([self.render(img, self.view_params[r, v]) for img, r, v in zip(images, rows, views)])
+            images = render_batch(self.render, images, self.view_params[rows, views])
         elif self.transform is not None:
             images = torch.stack([self.transform(img) for img in images])
         return (images, self.split.labels[rows], self.labeled[rows],

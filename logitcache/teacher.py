@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .config import Params, save_config
 from .data import IndexedDataset, load_split
+from .evaluate import write_confusion
 from .models import build_model
 from .train import (autocast, make_loader, make_optimizer, place, predict, save_checkpoint, seed_everything,
                     select_device, to_input, topk_accuracy, train_epoch, write_json)
@@ -65,6 +66,7 @@ def train_teacher(params: Params) -> dict:
         "device": device.type,
     }
     write_json(out / "metrics.json", metrics)
+    write_confusion(out / "confusion.json", labels, logits.argmax(1))
     write_json(out / "history.json", history)
     save_config({"data": params.data, "teacher": cfg}, out / "config.json")
     return metrics

@@ -73,7 +73,7 @@ def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, steps_p
     optimizer = torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 8:  # one-cycle needs a few steps per phase
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
     elif cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

@@ -149,6 +149,21 @@ class ViewRenderer:
         return x.contiguous()
 
 
+def render_batch(renderer: ViewRenderer, images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """Many views at once. Without a policy, one gather for the whole batch: the same bytes as
+    `renderer` per image (pad, crop and flip only move pixels), at a fraction of the cost."""
+    if renderer.policy is not None:
+        return torch.stack([renderer(img, p) for img, p in zip(images, params)])
+    b, c, h, w = images.shape
+    pad = renderer.spec.padding
+    params = torch.as_tensor(params)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
+    rows = (params[:, 1, None] + torch.arange(h))[:, None, :, None]
+    cols = (params[:, 2, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return torch.where(params[:, 3, None, None, None].bool(), out.flip(-1), out).contiguous()
+
+
 def normalizer(mean, std) -> v2.Transform:
     """uint8 batch -> normalised float batch; run on the device, after the loader."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])

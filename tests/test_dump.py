@@ -168,13 +168,17 @@ def _content(path):
         return dict(f.attrs), arrays
 
 
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_sigkill_then_rerun_resumes_to_identical_content(data_cfg, teacher_ckpt, tmp_path):
     args = [sys.executable, "-m", "logitcache", "dump-teacher", "-S", f"data.root={data_cfg.root}",
             "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "dump.splits=[train]",
             "-S", "dump.views=8", "-S", "dump.layers=[layer1]", "-S", "dump.feature_pool=0",
             "-S", "dump.batch_size=64", "-S", "dump.workers=0", "--teacher", str(teacher_ckpt)]
     reference = tmp_path / "reference"
-    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True)
+    _ok(subprocess.run([*args, "--out", str(reference)], capture_output=True, text=True))
     partial = tmp_path / "killed" / "train.h5.partial"
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -187,7 +191,7 @@ def test_sigkill_then_rerun_resumes_to_identical_content(data_cfg, teacher_ckpt,
     with h5py.File(partial, "r") as f:
         done = int(f.attrs["rows_done"])
     assert 0 < done < 600
-    subprocess.run([*args, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    _ok(subprocess.run([*args, "--out", str(tmp_path / "killed")], capture_output=True, text=True))
     assert not partial.exists()
     attrs_a, arrays_a = _content(reference / "train.h5")
     attrs_b, arrays_b = _content(tmp_path / "killed" / "train.h5")

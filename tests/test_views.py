@@ -59,3 +59,15 @@ def test_policy_views_replay_bit_identically_and_leave_global_rng_alone():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[1], first[2])
     assert torch.equal(first[0], image)  # the evaluation view skips the policy
+
+
+def test_batch_rendering_equals_per_image_rendering_bit_for_bit():
+    from logitcache.views import render_batch
+
+    images = torch.randint(0, 256, (40, 3, 9, 7), dtype=torch.uint8)
+    for spec in (ViewSpec(2, True), ViewSpec(0, True), ViewSpec(3, False),
+                 ViewSpec(1, True, ({"name": "ColorJitter", "brightness": 0.5},))):
+        params = view_params(spec, 1, np.arange(40), 5)[np.arange(40), np.arange(40) % 5]
+        render = ViewRenderer(spec)
+        expected = torch.stack([render(img, p) for img, p in zip(images, params)])
+        assert torch.equal(render_batch(render, images, params), expected)

@@ -1,0 +1,85 @@
+"""End to end: the project's dvc.yaml and params.yaml, shrunk through params, in a temporary git repository."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(repo: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args] if args[0] != "git" else list(args), cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result.stdout + result.stderr
+
+
+def shrink(params: dict) -> dict:
+    params["data"].update(train_limit=400, test_limit=200)
+    params["teacher"].update(epochs=1, batch_size=64, workers=0)
+    params["dump"].update(views=2, workers=0, batch_size=256)
+    params["students"] = {name: {**params["students"][name], "epochs": 1, "seeds": [0, 1], "workers": 0}
+                          for name in ("ce", "kd")}
+    return params
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copytree(ROOT / "logitcache", repo / "logitcache", ignore=shutil.ignore_patterns("__pycache__"))
+    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "init", "-q")
+    run(repo, "init", "-q")
+    run(repo, "config", "core.analytics", "false")
+    run(repo, "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline")
+    return repo
+
+
+def test_repro_builds_every_stage_with_metrics_and_summary(repo):
+    summary = json.loads((repo / "data/summary/metrics.json").read_text())
+    assert set(summary) == {"teacher", "ce", "kd"}
+    kd = json.loads((repo / "data/students/kd/metrics.json").read_text())
+    assert kd["seeds"] == [0, 1] and "test_acc_std" in kd and set(kd["per_seed"]) == {"0", "1"}
+    assert "| kd | cnn_tiny | kd |" in (repo / "data/summary/summary.md").read_text()
+    shown = run(repo, "metrics", "show")
+    assert "data/students/kd/metrics.json" in shown and "data/teacher/metrics.json" in shown
+    assert "confusion.json" in run(repo, "plots", "show", "--json")
+
+
+def test_changing_one_student_reruns_it_and_the_summary_only(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["students"]["kd"]["temperature"] = 8.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(repo, "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_student@kd", "summary"}
+    diff = run(repo, "metrics", "diff")
+    assert "data/students/kd/metrics.json" in diff
+    assert "data/students/ce/metrics.json" not in diff
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "kd at T=8")
+
+
+def test_exp_run_with_set_param(repo):
+    run(repo, "exp", "run", "-S", "students.kd.alpha=0.5")
+    shown = run(repo, "exp", "show", "--json")
+    assert '"alpha": 0.5' in shown and "data/students/kd/metrics.json" in shown
+
+
+def test_cache_shared_through_a_local_remote(repo, tmp_path):
+    run(repo, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    run(repo, "push", "dump_teacher")
+    original = (repo / "data/cache/train.h5").read_bytes()
+    shutil.rmtree(repo / "data/cache")
+    shutil.rmtree(repo / ".dvc/cache")
+    run(repo, "pull", "dump_teacher")
+    assert (repo / "data/cache/train.h5").read_bytes() == original
