@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--student-layer", default="block2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="alternate the runs this many times; best of each")
     ap.add_argument("--parity-seeds", type=int, default=0)
+    ap.add_argument("--parity-epochs", type=int, default=3)
     args = ap.parse_args()
     base = {"model": args.model, "epochs": args.epochs, "workers": args.workers, "caches": [args.cache],
             "test_cache": args.test_cache, "teacher": args.teacher, "temperature": 4.0, "alpha": 0.9}
@@ -46,18 +48,23 @@ def main() -> None:
         "kd (--online)": {**base, "online": True},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        seconds = {name: run(args.data_root, cfg, f"{tmp}/{i}")["seconds_per_epoch"] for i, (name, cfg) in enumerate(modes.items())}
+        runs = {name: [] for name in modes}
+        for r in range(args.repeats):
+            for i, (name, cfg) in enumerate(modes.items()):
+                runs[name].append(run(args.data_root, cfg, f"{tmp}/{r}-{i}")["seconds_per_epoch"])
+        seconds = {name: min(values) for name, values in runs.items()}
         for name, s in seconds.items():
-            print(f"{name:<22} {s:8.2f} s/epoch")
+            print(f"{name:<22} {s:8.2f} s/epoch   runs: {[round(v, 2) for v in runs[name]]}")
         ce = seconds["ce (same aug)"]
         print(f"kd / ce            : {seconds['kd (cache)'] / ce:.3f} (goal <= 1.10)")
         print(f"kd+feature / ce    : {seconds['kd+feature (cache)'] / ce:.3f} (goal <= 1.25)")
         print(f"online / cached kd : {seconds['kd (--online)'] / seconds['kd (cache)']:.2f}x (goal >= 3)")
         if args.parity_seeds:
             cached, online = [], []
+            parity = {**base, "epochs": args.parity_epochs}
             for seed in range(args.parity_seeds):
-                cached.append(run(args.data_root, {**base, "seed": seed}, f"{tmp}/c{seed}")["test_acc"])
-                online.append(run(args.data_root, {**base, "seed": seed, "online": True}, f"{tmp}/o{seed}")["test_acc"])
+                cached.append(run(args.data_root, {**parity, "seed": seed}, f"{tmp}/c{seed}")["test_acc"])
+                online.append(run(args.data_root, {**parity, "seed": seed, "online": True}, f"{tmp}/o{seed}")["test_acc"])
             print(f"parity over {args.parity_seeds} seeds: cached {statistics.mean(cached):.4f} {cached}, "
                   f"online {statistics.mean(online):.4f} {online}, "
                   f"difference {100 * (statistics.mean(cached) - statistics.mean(online)):+.2f} points (goal within 0.3)")

@@ -39,7 +39,7 @@ def markdown(rows: dict[str, dict]) -> str:
         acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if r.get("test_acc_std") else "")
         lines.append("| " + " | ".join([
             name, r["model"], r.get("mode", ""), acc, _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
-            f"{r.get('params', 0):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
+            f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
             _num(r.get("seconds_per_epoch"), ".1f"), str(len(r.get("seeds", [])) or 1)]) + " |")
     return "\n".join(lines) + "\n"
 
