@@ -21,8 +21,8 @@ from .cache_writer import BackgroundWriter, CacheWriter
 from .config import DumpConfig, Params
 from .data import Split, load_split
 from .errors import LogitcacheError
-from .models import build_model, feature_nodes
-from .train import load_checkpoint, place, select_device, to_input
+from .models import feature_nodes
+from .train import load_model, place, select_device, to_input
 from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
 
 
@@ -40,17 +40,9 @@ class Teacher:
 
 def load_teacher(path: str | Path) -> Teacher:
     """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256."""
-    ckpt = load_checkpoint(path)
-    info = ckpt.get("model_info")
-    if not isinstance(info, dict):
-        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by train-teacher")
-    model = build_model(info["model"], info["in_channels"], info["num_classes"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {str(e).splitlines()[1].strip()}") from None
+    model, ckpt = load_model(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return Teacher(model.eval(), info, digest)
+    return Teacher(model.eval(), ckpt["model_info"], digest)
 
 
 class FeatureTaker(nn.Module):

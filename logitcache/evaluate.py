@@ -13,9 +13,7 @@ from torch import nn
 from .cache_reader import Cache
 from .config import DataConfig
 from .data import IndexedDataset, load_split
-from .errors import LogitcacheError
-from .models import build_model
-from .train import load_checkpoint, make_loader, place, predict, select_device, topk_accuracy, write_json
+from .train import load_model, make_loader, place, predict, select_device, topk_accuracy, write_json
 from .views import normalizer
 
 
@@ -80,15 +78,7 @@ def _speed(model: nn.Module, shape, device: torch.device, prepare) -> dict:
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str | None = None) -> dict:
     """Judge a student checkpoint on its own: same metrics as at the end of its training run."""
-    ckpt = load_checkpoint(path)
-    info = ckpt.get("model_info")
-    if not isinstance(info, dict):
-        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
-    model = build_model(info["model"], info["in_channels"], info["num_classes"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {str(e).splitlines()[1].strip()}") from None
+    model, ckpt = load_model(path)
     dev = select_device(device)
     data = DataConfig.model_validate(ckpt["config"]["data"])
     student = ckpt["config"].get("student", {})

@@ -154,6 +154,24 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """The model a logitcache checkpoint describes, with its weights, and the checkpoint itself."""
+    from .models import build_model
+
+    ckpt = load_checkpoint(path)
+    info = ckpt.get("model_info")
+    if not isinstance(info, dict):
+        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
+    model = build_model(info["model"], info["in_channels"], info["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {detail}") from None
+    return model, ckpt
+
+
 def write_json(path: str | Path, data) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import sys
@@ -135,7 +134,6 @@ def test_topk_cache_reconstructs_probabilities_at_t1(data_cfg, teacher_ckpt, tmp
 
 
 def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
-    small = data_cfg.model_copy(update={"train_limit": 20})
     params = validate({"data": data_cfg.model_dump(), "dump": {"teacher": str(teacher_ckpt), "out": str(tmp_path),
                        "views": "all", "workers": 0, "splits": ["train"], "batch_size": 500}})
     [path] = dump_teacher(params)
