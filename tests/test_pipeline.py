@@ -1,6 +1,7 @@
 """End to end: the project's dvc.yaml and params.yaml, shrunk through params, in a temporary git repository."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,11 +11,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# a fresh CI machine has no git identity
+GIT_ENV = {"GIT_AUTHOR_NAME": "logitcache test", "GIT_AUTHOR_EMAIL": "test@logitcache.invalid",
+           "GIT_COMMITTER_NAME": "logitcache test", "GIT_COMMITTER_EMAIL": "test@logitcache.invalid"}
 
 
 def run(repo: Path, *args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args] if args[0] != "git" else list(args), cwd=repo,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, **GIT_ENV})
     assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result.stdout + result.stderr
 
