@@ -205,7 +205,7 @@ def evaluate_cmd(checkpoint, device, test_cache) -> None:
 
     \b
     Example:
-      logitcache evaluate data/students/kd/student.pt
+      logitcache evaluate data/students/kd/runs/seed0/student.pt
     """
     import json
 

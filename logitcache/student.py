@@ -187,8 +187,8 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
             "would show inputs the teacher never saw. Dump more views (dump.views) instead, or set "
             "force_augment: true with a 1-view cache to accept mismatched targets")
     budget = cfg.feature_budget_mb * 2**20
-    features = {cfg.teacher_layer: [CachedColumn(p, f"features/{cfg.teacher_layer}", budget) for p in cfg.caches][0]} \
-        if cfg.mode in ("feature", "kd+feature") and not cfg.online else {}
+    hinted = cfg.mode in ("feature", "kd+feature") and not cfg.online  # the hint imitates the first cache's teacher
+    features = {cfg.teacher_layer: CachedColumn(cfg.caches[0], f"features/{cfg.teacher_layer}", budget)} if hinted else {}
     logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if not cfg.online else []
     in_ram = all(c.array is not None for c in [*logits, *features.values()])
     aug = info["transform"]["augment"]
