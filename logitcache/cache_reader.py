@@ -1,4 +1,4 @@
-"""Reading a cache: validation against the data, logits in memory, features within a byte budget."""
+"""Reading a cache: validation against the data, and its arrays as float32 tensors."""
 
 from __future__ import annotations
 

@@ -87,7 +87,9 @@ class CacheWriter:
         del self.file.attrs["run_key"], self.file.attrs["rows_done"]
         set_attr(self.file, "complete", True)
         self.file.close()
+        _fsync(self.partial)
         os.replace(self.partial, self.path)
+        _fsync(self.path.parent)  # the rename itself survives a power loss
         return self.path
 
     def close(self) -> None:
@@ -95,12 +97,22 @@ class CacheWriter:
             self.file.close()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _committed_rows_read(f: h5py.File) -> bool:
     """Read every committed row back through its checksum: a kill during a later write can damage a shared chunk."""
     done = int(f.attrs.get("rows_done", 0))
     try:
         for name in _dataset_names(f):
-            f[name][:done]
+            step = f[name].chunks[0] * 8
+            for lo in range(0, done, step):
+                f[name][lo:min(done, lo + step)]
     except (OSError, KeyError, ValueError):
         return False
     return True

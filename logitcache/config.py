@@ -80,7 +80,7 @@ class TrainConfig(Section):
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: AugmentConfig = AugmentConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     workers: int = Field(1, ge=0, description="DataLoader worker processes")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str
@@ -101,7 +101,7 @@ class DumpConfig(Section):
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     views: int | Literal["all"] = Field(4, description="views per training sample; other splits use the evaluation view")
     augment: AugmentConfig = AugmentConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     layers: list[str] = Field(["layer2"], description="teacher node names to cache (logitcache layers MODEL)")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
     logits_dtype: Literal["float16", "float32"] = "float16"
@@ -158,7 +158,7 @@ class StudentConfig(TrainConfig):
     force_augment: bool = False
     labeled_fraction: float = Field(1.0, gt=0, le=1)
     labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
-    labels_seed: int = Field(0, description="seed of the labeled subset, shared by every student seed")
+    labels_seed: int = Field(0, ge=0, description="seed of the labeled subset, shared by every student seed")
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
     out: str = "data/students/default"

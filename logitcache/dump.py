@@ -229,21 +229,29 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: 
 
 
 def _verify_and_score(writer: CacheWriter, split: Split, record: dict) -> dict:
-    """Read every array back (checksums, finiteness, labels) and score the teacher on the cached logits."""
-    f = writer.file
-    path = writer.partial
-    if not np.array_equal(read_rows(f["index"], slice(None), path), np.arange(len(split))):
-        raise LogitcacheError(f"{path}: index column is not 0..N-1 after the dump; rerun with --overwrite")
-    if not np.array_equal(read_rows(f["labels"], slice(None), path), split.labels.numpy()):
-        raise LogitcacheError(f"{path}: labels differ from the data set after the dump; rerun with --overwrite")
-    for name in [k for k in writer.arrays if k.startswith(("logits", "topk_values", "features/"))]:
-        ds = f[name]
-        for lo in range(0, len(split), ds.chunks[0] * 8):
-            block = read_rows(ds, slice(lo, lo + ds.chunks[0] * 8), path)
-            if not np.isfinite(block).all():
-                raise LogitcacheError(f"{path}: {name} holds non-finite values near row {lo}; rerun with --overwrite")
-    top1 = read_rows(f["topk_indices"], (slice(None), slice(None), 0), path) if record["topk"] \
-        else read_rows(f["logits"], slice(None), path).argmax(-1)
-    hits = top1 == split.labels.numpy()[:, None]
+    """Read every array back in blocks (checksums, finiteness, index, labels) and score the teacher on it."""
+    f, path = writer.file, writer.partial
+    labels = split.labels.numpy()
     ev = record["views"]["eval_view"]
-    return {"all_views": float(hits.mean()), "eval_view": None if ev is None else float(hits[:, ev].mean())}
+    hits = np.zeros(len(split), dtype=bool) if ev is not None else None
+    correct = 0
+    for name in writer.arrays:
+        ds = f[name]
+        step = ds.chunks[0] * 8
+        for lo in range(0, len(split), step):
+            block = read_rows(ds, slice(lo, lo + step), path)
+            rows = slice(lo, lo + len(block))
+            if block.dtype.kind == "f" and not np.isfinite(block).all():
+                raise LogitcacheError(f"{path}: {name} holds non-finite values near row {lo}; rerun with --overwrite")
+            if name == "index" and not np.array_equal(block, np.arange(rows.start, rows.stop)):
+                raise LogitcacheError(f"{path}: index column is not 0..N-1 after the dump; rerun with --overwrite")
+            if name == "labels" and not np.array_equal(block, labels[rows]):
+                raise LogitcacheError(f"{path}: labels differ from the data set after the dump; rerun with --overwrite")
+            if name == ("topk_indices" if record["topk"] else "logits"):
+                top1 = block[..., 0] if record["topk"] else block.argmax(-1)
+                match = top1 == labels[rows, None]
+                correct += int(match.sum())
+                if hits is not None:
+                    hits[rows] = match[:, ev]
+    total = len(split) * record["views"]["count"]
+    return {"all_views": correct / total, "eval_view": None if hits is None else float(hits.mean())}

@@ -70,6 +70,8 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
 
     student = build_model(cfg.model, train.channels, train.num_classes)
     nodes = feature_nodes(student)
+    if method_cls.uses_features and cfg.student_layer not in nodes:
+        raise LogitcacheError(f"unknown student_layer {cfg.student_layer!r} for {cfg.model}; valid names: {', '.join(nodes)}")
     taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **(
         {cfg.student_layer: "feature"} if method_cls.uses_features else {})}), device)
     method = _make_method(cfg, method_cls, taker, train, meta, device)
@@ -79,7 +81,8 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
     optimizer, scheduler = make_optimizer([*taker.parameters(), *method.parameters()], cfg, len(sampler))
     prepare = normalizer(train.mean, train.std)
     online = _online_teacher(cfg, meta, device) if cfg.online and distilling else None
-    progress = {"value": 0.0}
+    total_steps = cfg.epochs * len(sampler)
+    progress = {"step": 0}
 
     def step(batch):
         images, labels, labeled_rows, logits, features = batch
@@ -90,18 +93,23 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
                           {k: v.to(device) for k, v in features.items()})
         with autocast(device):
             out = taker(x)
-            loss, _ = method(out["logits"].float(), out.get("feature"), targets, progress["value"])
+            loss, _ = method(out["logits"].float(), out.get("feature"), targets,
+                             progress["step"] / max(1, total_steps - 1))
+        progress["step"] += 1
         return loss, out["logits"], targets.labels
 
     history = []
-    for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        progress["value"] = epoch / cfg.epochs
-        stats = train_epoch(taker, loader, step, optimizer, scheduler, desc=f"{name} {epoch + 1}/{cfg.epochs}",
-                            modules=[method])
-        history.append({"epoch": epoch + 1, **stats})
-        print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
-              f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
+    try:
+        for epoch in range(cfg.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_epoch(taker, loader, step, optimizer, scheduler, desc=f"{name} {epoch + 1}/{cfg.epochs}",
+                                modules=[method])
+            history.append({"epoch": epoch + 1, **stats})
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
+                  f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
+    finally:
+        for column in [*dataset.logits, *dataset.features.values()]:
+            column.close()
 
     # the student shares the taker's trained modules
     metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
@@ -128,10 +136,13 @@ def labeled_mask(cfg: StudentConfig, n: int) -> np.ndarray:
         if not path.is_file():
             raise LogitcacheError(f"labeled_indices file {path} does not exist")
         try:
-            indices = np.asarray(json.loads(path.read_text()), dtype=np.int64)
-        except (ValueError, TypeError):
-            raise LogitcacheError(f"labeled_indices file {path} must hold a JSON list of sample indices") from None
-        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= n)):
+            values = json.loads(path.read_text())
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise LogitcacheError(f"labeled_indices file {path} must hold a non-empty JSON list of integer sample indices")
+        indices = np.asarray(values, dtype=np.int64)
+        if indices.min() < 0 or indices.max() >= n:
             raise LogitcacheError(f"labeled_indices in {path} must be integers in [0, {n})")
         mask[indices] = True
         return mask
@@ -181,6 +192,8 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
             ViewBatchSampler(rows, 1, cfg.batch_size, "random", cfg.seed)
     views, info = meta["views"], meta["meta"]
     count = views.shape[1]
+    if cfg.force_augment and (cfg.augment is None or count > 1):
+        raise LogitcacheError(f"force_augment needs augment: set and a 1-view cache; the cache has {count} views")
     if cfg.augment is not None and (count > 1 or not cfg.force_augment):
         raise LogitcacheError(
             f"augment is set but the student's views come from the cache ({count} view(s)); random augmentation "
@@ -205,6 +218,8 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
 
 def _online_teacher(cfg: StudentConfig, meta, device):
     """The reference path: the live teacher computes the same targets on the same inputs."""
+    if len(cfg.caches) > 1 or meta["meta"]["topk"]:
+        raise LogitcacheError("--online reproduces a single full-logit cache; use one cache without topk")
     teacher = load_teacher(cfg.teacher)
     if teacher.sha256 != meta["meta"]["teacher"]["checkpoint_sha256"]:
         raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")

@@ -70,6 +70,11 @@ class CachedColumn:
     def __getstate__(self):
         return {**self.__dict__, "_cache": None}  # h5py handles never cross process boundaries
 
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
     def take(self, rows: np.ndarray, views: np.ndarray) -> torch.Tensor:
         if self.array is not None:
             return torch.from_numpy(self.array[rows, views]).float()

@@ -200,3 +200,26 @@ def test_online_reference_matches_cached_run(data_cfg, teacher_ckpt, cache_dir, 
         ckpt["state_dict"]["fc.bias"] += 0.01
         torch.save(ckpt, other)
         train_student(student_params(data_cfg, cache_dir, tmp_path / "x", online=True, teacher=str(other)), "s")
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"force_augment": True}, "force_augment needs augment"),
+    ({"mode": "feature", "student_layer": "block9", "teacher_layer": "layer2"}, "unknown student_layer 'block9'"),
+])
+def test_bad_student_settings_are_one_line_errors(data_cfg, cache_dir, tmp_path, settings, words):
+    with pytest.raises(LogitcacheError, match=words):
+        train_student(student_params(data_cfg, cache_dir, tmp_path, **settings), "s")
+
+
+@pytest.mark.parametrize("content", ["[]", "[1.5, 2.7]", "[true]", "{\"a\": 1}", "not json"])
+def test_bad_labeled_indices_files_are_refused(tmp_path, content):
+    path = tmp_path / "labeled.json"
+    path.write_text(content)
+    cfg = validate({"students": {"s": {"labeled_indices": str(path)}}}).students["s"]
+    with pytest.raises(LogitcacheError, match="non-empty JSON list of integer"):
+        labeled_mask(cfg, 600)
+
+
+def test_negative_seeds_are_refused():
+    with pytest.raises(LogitcacheError, match="seed"):
+        validate({"students": {"s": {"seed": -1}}})
