@@ -141,10 +141,11 @@ def _check_teacher_fits(teacher: Teacher, split: Split, cfg: DumpConfig) -> None
 @torch.inference_mode()
 def _probe_shapes(taker: FeatureTaker, split: Split, prepare, device, pool: int) -> dict[str, tuple[int, ...]]:
     out = taker(prepare(split.images[:2].to(device)))
-    return {name: tuple(_pool(t, pool).shape[1:]) for name, t in out.items()}
+    return {name: tuple(pool_feature(t, pool).shape[1:]) for name, t in out.items()}
 
 
-def _pool(t: torch.Tensor, pool: int) -> torch.Tensor:
+def pool_feature(t: torch.Tensor, pool: int) -> torch.Tensor:
+    """Bound a feature map's size: adaptive-average-pool to pool x pool when larger (0 keeps it whole)."""
     if pool and t.dim() == 4 and (t.shape[2] > pool or t.shape[3] > pool):
         return F.adaptive_avg_pool2d(t, pool)
     return t
@@ -222,7 +223,7 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: 
     else:
         rows["logits"] = logits.cpu().numpy().astype(cfg.logits_dtype)
     for layer in cfg.layers:
-        feats = _pool(out[layer].float(), cfg.feature_pool)
+        feats = pool_feature(out[layer].float(), cfg.feature_pool)
         feats = feats.reshape(b, v, *feats.shape[1:]).clamp(-FLOAT16_MAX, FLOAT16_MAX)
         rows[f"features/{layer}"] = feats.cpu().numpy().astype(np.float16)
     return rows

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .cache_reader import Cache
 from .config import DataConfig
 from .data import load_split
-from .dump import FeatureTaker, _pool, load_teacher
+from .dump import FeatureTaker, load_teacher, pool_feature
 from .errors import LogitcacheError
 from .views import ViewRenderer, ViewSpec, normalizer
 
@@ -60,9 +60,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
         views = rng.integers(0, cache.num_views, size=len(rows))
         params = cache.view_params()[rows, views]
-        spec = ViewSpec(**{"padding": cache.meta["transform"]["augment"]["crop_padding"],
-                           "flip": cache.meta["transform"]["augment"]["flip"],
-                           "policy": tuple(cache.meta["transform"]["augment"]["policy"])})
+        spec = ViewSpec.from_json(cache.meta["transform"]["augment"])
         render = ViewRenderer(spec)
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
         taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
@@ -80,7 +78,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1": kl, "cosine": {}}
         for name, layer in cache.layers.items():
             stored = torch.from_numpy(cache.read(f"features/{name}", rows)[np.arange(len(rows)), views]).float()
-            fresh = _pool(out[name].float(), layer["pooled_to"] or 0)
+            fresh = pool_feature(out[name].float(), layer["pooled_to"] or 0)
             report["cosine"][name] = F.cosine_similarity(stored.flatten(1), fresh.flatten(1), dim=1).min().item()
     bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if max_diff > atol else []
     bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]

@@ -17,7 +17,7 @@ from .cache_reader import Cache
 from .config import Params, StudentConfig, save_config
 from .data import Split, load_split
 from .distill import METHODS, Method, Targets
-from .dump import FeatureTaker, _pool, load_teacher
+from .dump import FeatureTaker, load_teacher, pool_feature
 from .errors import LogitcacheError
 from .evaluate import evaluate_model
 from .models import build_model, feature_nodes
@@ -204,8 +204,7 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
     features = {cfg.teacher_layer: CachedColumn(cfg.caches[0], f"features/{cfg.teacher_layer}", budget)} if hinted else {}
     logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if not cfg.online else []
     in_ram = all(c.array is not None for c in [*logits, *features.values()])
-    aug = info["transform"]["augment"]
-    spec = ViewSpec(aug["crop_padding"], aug["flip"], tuple(aug["policy"]))
+    spec = ViewSpec.from_json(info["transform"]["augment"])
     if cfg.force_augment:
         dataset = StudentBatches(train, labeled, transform=ViewSpec.from_config(cfg.augment).random_transform(
             train.image_size), logits=logits, features=features)
@@ -233,6 +232,6 @@ def _online_teacher(cfg: StudentConfig, meta, device):
         out = taker(x)
         # round like the cache does, so online and cached runs differ only by where targets come from
         logits = out["logits"].float().to(getattr(torch, dtype)).float()
-        return [logits], {name: _pool(out[name].float(), pooled[name]).half().float() for name in layers}
+        return [logits], {name: pool_feature(out[name].float(), pooled[name]).half().float() for name in layers}
 
     return targets

@@ -44,6 +44,11 @@ class ViewSpec:
             return None
         return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
 
+    @classmethod
+    def from_json(cls, data: dict) -> "ViewSpec":
+        """The spec a cache recorded in its `transform.augment` attribute."""
+        return cls(data["crop_padding"], data["flip"], tuple(data["policy"]))
+
     def to_json(self) -> dict:
         return {"crop_padding": self.padding, "flip": self.flip, "policy": list(self.policy)}
 
