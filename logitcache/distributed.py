@@ -1,0 +1,95 @@
+"""torch.distributed plumbing: one `Dist` describes this process's place in a torchrun job.
+
+Launched plainly, `Dist.single()` stands for a world of one and every helper is a no-op,
+so the same code path serves single-process and distributed runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import LogitcacheError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def single(cls) -> "Dist":
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, name: str) -> torch.device:
+        """The device for `name` (auto/cpu/cuda): under torchrun, the GPU of this rank's local_rank."""
+        if name == "cuda" and not torch.cuda.is_available():
+            raise LogitcacheError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda" and self.active:
+            if self.local_rank >= torch.cuda.device_count():
+                raise LogitcacheError(f"local rank {self.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                                      "launch at most one process per GPU (--nproc-per-node)")
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device(name)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank says ok: lets rank 0 wait for the others without hanging on a failed one."""
+        if not self.active:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=_collective_device())
+        dist.all_reduce(flag)
+        return int(flag.item()) == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def session(device: str = "auto"):
+    """Join the torchrun job (nccl on GPUs, gloo on the CPU) for the duration of a command; a world of one otherwise."""
+    if not launched_by_torchrun():
+        yield Dist.single()
+        return
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_gpu = device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if use_gpu else "gloo"
+    if use_gpu:
+        torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    try:
+        yield Dist(rank, world, local)
+    finally:
+        dist.destroy_process_group()
