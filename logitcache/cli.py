@@ -26,6 +26,10 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; unfinished outputs were not written; rerun the same command "
+                       "(train-teacher/train-student with --resume) to continue", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -86,19 +90,26 @@ def prepare_data_cmd(params) -> None:
 @main.command("train-teacher")
 @params_options({"model": "teacher.model", "epochs": "teacher.epochs", "out": "teacher.out",
                  "device": "teacher.device", "seed": "teacher.seed"})
-def train_teacher_cmd(params) -> None:
+@click.option("--resume", is_flag=True, help="Continue from <out>/resume.pt (saved after every epoch).")
+def train_teacher_cmd(params, resume) -> None:
     """Train the teacher with SGD and a one-cycle or cosine schedule; writes teacher.pt and metrics.json.
+
+    Under torchrun (torchrun --nproc-per-node N -m logitcache train-teacher) it trains with DDP.
 
     \b
     Example:
       logitcache train-teacher --model resnet20 --epochs 5
       logitcache train-teacher -S teacher.lr=0.05 -S teacher.schedule=cosine
+      logitcache train-teacher --resume            # after a kill or Ctrl-C
     """
+    from .distributed import session
     from .teacher import train_teacher
 
-    metrics = train_teacher(params)
-    click.echo(f"teacher {params.teacher.model}: test accuracy {metrics['test_acc']:.4f} "
-               f"({metrics['train_seconds']:.0f} s) -> {params.teacher.out}")
+    with session(params.teacher.device) as dist:
+        metrics = train_teacher(params, resume=resume, dist=dist)
+    if metrics:
+        click.echo(f"teacher {params.teacher.model}: test accuracy {metrics['test_acc']:.4f} "
+                   f"({metrics['train_seconds']:.0f} s) -> {params.teacher.out}")
 
 
 @main.command("dump-teacher")
@@ -174,7 +185,8 @@ def _format_summary(info: dict) -> str:
 @params_options({})
 @click.option("--mode", type=click.Choice(["ce", "kd", "feature", "kd+feature"]), default=None, help="Override the mode.")
 @click.option("--online", is_flag=True, default=None, help="Reference mode: compute targets with the live teacher.")
-def train_student_cmd(params, name, mode, online) -> None:
+@click.option("--resume", is_flag=True, help="Continue each seed's run from its resume.pt; finished seeds are kept.")
+def train_student_cmd(params, name, mode, online, resume) -> None:
     """Train student NAME (a key of students: in params.yaml) against the teacher cache.
 
     Keys of students.NAME override the student defaults; -S students.NAME.key=value overrides one.
@@ -184,14 +196,19 @@ def train_student_cmd(params, name, mode, online) -> None:
       logitcache train-student kd
       logitcache train-student kd -S students.kd.temperature=8 -S students.kd.out=data/students/kd_t8
       logitcache train-student --mode ce -S students.default.labeled_fraction=0.1
+      torchrun --nproc-per-node 2 -m logitcache train-student kd     # DDP
     """
+    from .distributed import session
     from .student import train_student
 
     updates = {k: v for k, v in {"mode": mode, "online": online}.items() if v is not None}
     if updates:
         student = params.student(name).model_copy(update=updates)
         params = params.model_copy(update={"students": {**params.students, name: student}})
-    m = train_student(params, name)
+    with session(params.student(name).device) as dist:
+        m = train_student(params, name, resume=resume, dist=dist)
+    if not m:
+        return
     agreement = "" if m["agreement"] is None else f", agreement {m['agreement']:.4f}"
     click.echo(f"student {name} ({m['mode']}): test accuracy {m['test_acc']:.4f}{agreement} -> {params.student(name).out}")
 

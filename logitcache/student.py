@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from .cache_reader import Cache
@@ -22,26 +23,35 @@ from .errors import LogitcacheError
 from .evaluate import evaluate_model
 from .models import build_model, feature_nodes
 from .student_data import CachedColumn, StudentBatches, ViewBatchSampler
-from .train import (autocast, make_loader, make_optimizer, place, save_checkpoint, seed_everything, select_device,
-                    to_input, train_epoch, write_json)
+from .distributed import Dist
+from .train import (RESUME, Checkpointer, autocast, data_parallel, fit, load_checkpoint, make_loader, make_optimizer,
+                    place, save_checkpoint, seed_everything, select_device, to_input, train_epoch, write_json)
 from .views import ViewRenderer, ViewSpec, normalizer
 
 
-def train_student(params: Params, name: str = "default") -> dict:
-    """Train student NAME once, or once per seed of `seeds` (in <out>/runs/seed<N>/) with mean and std in <out>."""
+def train_student(params: Params, name: str = "default", *, resume: bool = False, dist: Dist = Dist.single()) -> dict:
+    """Train student NAME once, or once per seed of `seeds` (in <out>/runs/seed<N>/) with mean and std in <out>.
+
+    Under torchrun every rank trains on its part of each global batch (DDP); rank 0 alone
+    evaluates and writes. Returns the metrics on rank 0 and {} on the others.
+    """
     cfg = params.student(name)
-    if not cfg.seeds:
-        return train_one(params, cfg, name, Path(cfg.out))
     out = Path(cfg.out)
-    runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}")
-            for seed in cfg.seeds]
+    if dist.is_main and not resume:
+        (out / "metrics.json").unlink(missing_ok=True)  # written again only once every run has finished
+    if not cfg.seeds:
+        return train_one(params, cfg, name, out, resume=resume, dist=dist)
+    runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}",
+                      resume=resume, dist=dist) for seed in cfg.seeds]
+    if not dist.is_main:
+        return {}
     summary = aggregate(runs, cfg.seeds)
     histories = [json.loads((out / "runs" / f"seed{seed}" / "history.json").read_text()) for seed in cfg.seeds]
-    write_json(out / "metrics.json", summary)
     write_json(out / "history.json", [{k: float(np.mean([h[i][k] for h in histories])) for k in histories[0][i]}
                                       for i in range(len(histories[0]))])
     (out / "confusion.json").write_bytes((out / "runs" / f"seed{cfg.seeds[0]}" / "confusion.json").read_bytes())
     save_config({"data": params.data, "student": cfg}, out / "config.json")
+    write_json(out / "metrics.json", summary)
     return summary
 
 
@@ -57,9 +67,28 @@ def aggregate(runs: list[dict], seeds: list[int]) -> dict:
     return summary
 
 
-def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    device = select_device(cfg.device)
+class Learner(nn.Module):
+    """Student and method (adapters) as one module, so DDP averages the gradients of both."""
+
+    def __init__(self, taker: nn.Module, method: Method):
+        super().__init__()
+        self.taker, self.method = taker, method
+
+    def forward(self, x: torch.Tensor, targets: Targets, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.taker(x)
+        loss, _ = self.method(out["logits"].float(), out.get("feature"), targets, progress)
+        return loss, out["logits"]
+
+
+def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resume: bool = False,
+              dist: Dist = Dist.single()) -> dict:
+    config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
+    if resume and (done := _finished_run(out, config)) is not None:
+        return done
+    device = select_device(cfg.device, dist)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "student.pt").unlink(missing_ok=True)  # only a finished run leaves a checkpoint
     seed_everything(cfg.seed)
     train = load_split(params.data, "train")
     method_cls = METHODS[cfg.mode]
@@ -75,16 +104,19 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
     taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **(
         {cfg.student_layer: "feature"} if method_cls.uses_features else {})}), device)
     method = _make_method(cfg, method_cls, taker, train, meta, device)
-    dataset, sampler = _batches(cfg, train, labeled, rows, meta)
-    loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed, workers=cfg.workers, device=device,
+    learner = data_parallel(Learner(taker, method), device, dist)
+    dataset, sampler = _batches(cfg, train, labeled, rows, meta, dist)
+    loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed + dist.rank, workers=cfg.workers, device=device,
                          sampler=sampler)
     optimizer, scheduler = make_optimizer([*taker.parameters(), *method.parameters()], cfg, len(sampler))
     prepare = normalizer(train.mean, train.std)
     online = _online_teacher(cfg, meta, device) if cfg.online and distilling else None
     total_steps = cfg.epochs * len(sampler)
-    progress = {"step": 0}
+    checkpointer = Checkpointer(out, {**config, "world_size": dist.world_size},
+                                {"student": taker, "method": method, "optimizer": optimizer, "scheduler": scheduler},
+                                loader.generator, dist)
 
-    def step(batch):
+    def step(batch, progress):
         images, labels, labeled_rows, logits, features = batch
         x = to_input(images, device, prepare)
         if online is not None:
@@ -92,36 +124,48 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path) -> dict:
         targets = Targets(labels.to(device), labeled_rows.to(device), [t.to(device) for t in logits],
                           {k: v.to(device) for k, v in features.items()})
         with autocast(device):
-            out = taker(x)
-            loss, _ = method(out["logits"].float(), out.get("feature"), targets,
-                             progress["step"] / max(1, total_steps - 1))
-        progress["step"] += 1
-        return loss, out["logits"], targets.labels
+            loss, logits = learner(x, targets, progress)
+        return loss, logits, targets.labels
 
-    history = []
-    try:
-        for epoch in range(cfg.epochs):
-            sampler.set_epoch(epoch)
-            stats = train_epoch(taker, loader, step, optimizer, scheduler, desc=f"{name} {epoch + 1}/{cfg.epochs}",
-                                modules=[method])
-            history.append({"epoch": epoch + 1, **stats})
+    def run_epoch(epoch: int) -> dict:
+        sampler.set_epoch(epoch)
+        steps = iter(range(epoch * len(sampler), (epoch + 1) * len(sampler)))
+        stats = train_epoch(learner, loader, lambda b: step(b, next(steps) / max(1, total_steps - 1)), optimizer,
+                            scheduler, epoch=epoch + 1, desc=f"{name} {epoch + 1}/{cfg.epochs}", dist=dist)
+        if dist.is_main:
             print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
                   f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
+        return {"epoch": epoch + 1, **stats}
+
+    try:
+        history = fit(cfg.epochs, run_epoch, checkpointer, resume)
     finally:
         for column in [*dataset.logits, *dataset.features.values()]:
             column.close()
-
+    if not dist.is_main:
+        dist.barrier()
+        return {}
     # the student shares the taker's trained modules
     metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
     metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=cfg.mode,
-                   labeled=int(labeled.sum()), online=cfg.online)
-    config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
-    save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config, adapters=_cpu(method.state_dict()),
-                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
+                   labeled=int(labeled.sum()), online=cfg.online, world_size=dist.world_size)
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
+    save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config, adapters=_cpu(method.state_dict()),
+                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
+    checkpointer.discard()  # the checkpoint, written last, marks the run finished
+    dist.barrier()
     return metrics
+
+
+def _finished_run(out: Path, config: dict) -> dict | None:
+    """A resumed multi-seed run skips the seeds whose outputs are complete and made with these settings."""
+    if not (out / "student.pt").is_file() or (out / RESUME).exists() or not (out / "metrics.json").is_file():
+        return None
+    if load_checkpoint(out / "student.pt")["config"] != json.loads(json.dumps(config, sort_keys=True)):
+        return None
+    return json.loads((out / "metrics.json").read_text())
 
 
 def _cpu(state: dict) -> dict:
@@ -183,13 +227,14 @@ def _make_method(cfg: StudentConfig, method_cls, taker, train: Split, meta, devi
     return method_cls(cfg, tuple(probe["feature"].shape[1:]), tuple(layer["shape"])).to(device)
 
 
-def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.ndarray, meta):
+def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.ndarray, meta,
+             dist: Dist = Dist.single()):
     """The dataset and sampler: replayed cached views with their targets, or plain images for CE."""
     if meta is None:
         spec = ViewSpec.from_config(cfg.augment) if cfg.augment else None
         transform = spec.random_transform(train.image_size) if spec else None
         return StudentBatches(train, labeled, transform=transform), \
-            ViewBatchSampler(rows, 1, cfg.batch_size, "random", cfg.seed)
+            ViewBatchSampler(rows, 1, cfg.batch_size, "random", cfg.seed, dist=dist)
     views, info = meta["views"], meta["meta"]
     count = views.shape[1]
     if cfg.force_augment and (cfg.augment is None or count > 1):
@@ -212,7 +257,7 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
         dataset = StudentBatches(train, labeled, render=ViewRenderer(spec), view_params=views, logits=logits,
                                  features=features)
     block = 1 if in_ram else 256
-    return dataset, ViewBatchSampler(rows, count, cfg.batch_size, cfg.view_sampling, cfg.seed, block)
+    return dataset, ViewBatchSampler(rows, count, cfg.batch_size, cfg.view_sampling, cfg.seed, block, dist)
 
 
 def _online_teacher(cfg: StudentConfig, meta, device):

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .cache_reader import Cache
 from .data import Split
+from .distributed import Dist
 from .views import ViewRenderer, render_batch
 
 
@@ -24,17 +25,23 @@ class ViewBatchSampler(Sampler):
     """Batches of (row, view) pairs; which view a row shows changes each epoch (random or round-robin).
 
     With `block` > 1 it shuffles blocks of consecutive rows, so disk reads stay chunk-friendly.
+    Under torchrun every rank draws the same global batches and keeps every world_size-th
+    pair of each, so the ranks together cover exactly the single-process epoch; a last
+    batch smaller than the world is dropped on every rank alike.
     """
 
-    def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, block: int = 1):
+    def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, block: int = 1,
+                 dist: Dist = Dist.single()):
         self.rows, self.views, self.batch_size, self.mode, self.seed, self.block = rows, views, batch_size, mode, seed, block
+        self.rank, self.world = dist.rank, dist.world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        full, last = divmod(len(self.rows), self.batch_size)
+        return full + (last >= self.world)
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -45,7 +52,10 @@ class ViewBatchSampler(Sampler):
         else:
             views = (order + self.epoch) % self.views
         for lo in range(0, len(order), self.batch_size):
-            yield list(zip(order[lo:lo + self.batch_size].tolist(), views[lo:lo + self.batch_size].tolist()))
+            hi = min(lo + self.batch_size, len(order))
+            if hi - lo >= self.world:
+                mine = slice(lo + self.rank, hi, self.world)
+                yield list(zip(order[mine].tolist(), views[mine].tolist()))
 
 
 class CachedColumn:

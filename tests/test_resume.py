@@ -1,0 +1,177 @@
+"""Killed and interrupted training runs: nothing claims to be complete, and --resume continues to the same bits."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from logitcache.config import validate
+from logitcache.errors import LogitcacheError
+from logitcache.student import train_student
+from logitcache.student_data import CachedColumn
+from logitcache.teacher import train_teacher
+from logitcache.train import RESUME, load_checkpoint
+
+
+def teacher_settings(tmp_path, epochs=4):
+    return {"model": "resnet8", "epochs": epochs, "batch_size": 32, "lr": 0.05, "workers": 1,
+            "out": str(tmp_path / "teacher")}
+
+
+def student_settings(cache_dir, tmp_path, **extra):
+    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 32, "lr": 0.05, "workers": 1, "mode": "kd",
+            "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
+            "out": str(tmp_path / "student"), **extra}
+
+
+def write_params(tmp_path, raw: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def start(args, params_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "logitcache", *args, "--params", str(params_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_after_an_epoch(proc, resume_file, sig, timeout=240.0):
+    """Wait until an epoch's resumable state exists, wait a random moment more, then send `sig`."""
+    deadline = time.monotonic() + timeout
+    while not resume_file.exists():
+        assert proc.poll() is None, f"run ended before its first epoch was saved: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no resume.pt in time"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.8))
+    assert proc.poll() is None, "run finished before it could be stopped; raise its epochs"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def same_weights(a, b):
+    sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def without_timing(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in history]
+
+
+def test_teacher_sigkill_then_resume_equals_an_uninterrupted_run_to_the_bit(data_cfg, tmp_path):
+    reference = train_teacher(validate({"data": data_cfg.model_dump(), "teacher": teacher_settings(tmp_path / "ref")}))
+    run = tmp_path / "run"
+    run.mkdir()
+    params_path = write_params(run, {"data": data_cfg.model_dump(), "teacher": teacher_settings(run)})
+    code, _, _ = stop_after_an_epoch(start(["train-teacher"], params_path), run / "teacher" / RESUME, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    out = run / "teacher"
+    assert not (out / "teacher.pt").exists() and not (out / "metrics.json").exists()
+    assert not list(out.glob("*.tmp"))
+    saved_epoch = load_checkpoint(out / RESUME)["epoch"]
+    assert 1 <= saved_epoch < 4
+
+    resumed = subprocess.run([sys.executable, "-m", "logitcache", "train-teacher", "--resume", "--params",
+                              str(params_path)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"epoch {saved_epoch}/4" not in resumed.stdout and "epoch 4/4" in resumed.stdout  # continued, not restarted
+    assert same_weights(out / "teacher.pt", tmp_path / "ref" / "teacher" / "teacher.pt")
+    assert json.loads((out / "metrics.json").read_text())["test_acc"] == reference["test_acc"]
+    ref_history = json.loads((tmp_path / "ref" / "teacher" / "history.json").read_text())
+    assert without_timing(json.loads((out / "history.json").read_text())) == without_timing(ref_history)
+    assert not (out / RESUME).exists()  # finished: nothing left to resume
+
+
+def test_teacher_sigint_exits_130_with_one_line_and_leaves_only_resumable_state(data_cfg, tmp_path):
+    params_path = write_params(tmp_path, {"data": data_cfg.model_dump(), "teacher": teacher_settings(tmp_path)})
+    code, _, err = stop_after_an_epoch(start(["train-teacher"], params_path), tmp_path / "teacher" / RESUME,
+                                       signal.SIGINT)
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    out = tmp_path / "teacher"
+    assert sorted(p.name for p in out.iterdir()) == [RESUME]
+    assert load_checkpoint(out / RESUME)["epoch"] >= 1
+
+
+def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(data_cfg, cache_dir, tmp_path):
+    ref = validate({"data": data_cfg.model_dump(),
+                    "students": {"kd": student_settings(cache_dir, tmp_path / "ref", seeds=[0, 1])}})
+    reference = train_student(ref, "kd")
+    run = tmp_path / "run"
+    run.mkdir()
+    params_path = write_params(run, {"data": data_cfg.model_dump(),
+                                     "students": {"kd": student_settings(cache_dir, run, seeds=[0, 1])}})
+    out = run / "student"
+    code, _, _ = stop_after_an_epoch(start(["train-student", "kd"], params_path), out / "runs" / "seed1" / RESUME,
+                                     signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (out / "metrics.json").exists() and not (out / "runs" / "seed1" / "student.pt").exists()
+    finished = (out / "runs" / "seed0" / "student.pt").stat().st_mtime_ns
+
+    resumed = subprocess.run([sys.executable, "-m", "logitcache", "train-student", "kd", "--resume", "--params",
+                              str(params_path)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "runs" / "seed0" / "student.pt").stat().st_mtime_ns == finished  # seed 0 was not retrained
+    for seed in (0, 1):
+        assert same_weights(out / "runs" / f"seed{seed}" / "student.pt",
+                            tmp_path / "ref" / "student" / "runs" / f"seed{seed}" / "student.pt")
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["per_seed"] == reference["per_seed"]
+
+
+def test_student_sigint_leaves_no_finished_outputs(data_cfg, cache_dir, tmp_path):
+    params_path = write_params(tmp_path, {"data": data_cfg.model_dump(),
+                                          "students": {"kd": student_settings(cache_dir, tmp_path)}})
+    code, _, err = stop_after_an_epoch(start(["train-student", "kd"], params_path), tmp_path / "student" / RESUME,
+                                       signal.SIGINT)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == [RESUME]
+
+
+def test_resume_with_other_settings_is_refused_naming_them(data_cfg, cache_dir, tmp_path):
+    settings = student_settings(cache_dir, tmp_path, epochs=1, workers=0)
+    params = validate({"data": data_cfg.model_dump(), "students": {"kd": settings}})
+    out = tmp_path / "student"
+    out.mkdir()
+    torch.save({"state_dict": {}, "config": json.dumps({"data": {}, "student": {}, "name": "kd"}), "epoch": 1},
+               out / RESUME)
+    with pytest.raises(LogitcacheError, match=r"other settings \(.*student\.lr.*\); rerun without --resume"):
+        train_student(params, "kd", resume=True)
+
+
+def test_a_run_without_resume_starts_over_and_removes_stale_state(data_cfg, cache_dir, tmp_path):
+    params = validate({"data": data_cfg.model_dump(),
+                       "students": {"kd": student_settings(cache_dir, tmp_path, epochs=1, workers=0)}})
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / RESUME).write_bytes(b"stale")
+    metrics = train_student(params, "kd")
+    assert metrics["test_acc"] > 0 and not (out / RESUME).exists() and (out / "student.pt").is_file()
+
+
+def test_non_finite_student_loss_stops_naming_epoch_and_step_and_writes_no_model(data_cfg, cache_dir, tmp_path,
+                                                                                monkeypatch):
+    params = validate({"data": data_cfg.model_dump(),
+                       "students": {"kd": student_settings(cache_dir, tmp_path, epochs=2, workers=0)}})
+    take, calls = CachedColumn.take, []
+
+    def poisoned(self, rows, views):  # the third batch of the second epoch gets a NaN teacher target
+        calls.append(1)
+        values = take(self, rows, views)
+        return values.fill_(float("nan")) if len(calls) == 19 + 3 else values
+
+    monkeypatch.setattr(CachedColumn, "take", poisoned)
+    with pytest.raises(LogitcacheError, match=r"non-finite at epoch 2, step 2;"):
+        train_student(params, "kd")
+    assert not (tmp_path / "student" / "student.pt").exists()
+    assert not (tmp_path / "student" / "metrics.json").exists()
+    assert load_checkpoint(tmp_path / "student" / RESUME)["epoch"] == 1  # the last good epoch stays resumable
