@@ -1,0 +1,96 @@
+"""DDP training under a real `torchrun` with 2 CPU processes (gloo)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from logitcache.config import validate
+from logitcache.distributed import Dist
+from logitcache.student import train_student
+from logitcache.student_data import ViewBatchSampler
+from logitcache.train import load_checkpoint
+
+TORCHRUN = shutil.which("torchrun")
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")
+
+
+def torchrun(args, params_path, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "logitcache", *args,
+                           "--params", str(params_path)], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["random", "round-robin"])
+@pytest.mark.parametrize("rows,batch", [(100, 32), (101, 32), (97, 16)])
+def test_ranks_split_each_global_batch_into_the_single_process_batch(mode, rows, batch):
+    ids = np.arange(rows)
+    single = ViewBatchSampler(ids, 3, batch, mode, seed=5)
+    ranks = [ViewBatchSampler(ids, 3, batch, mode, seed=5, dist=Dist(rank=r, world_size=2)) for r in range(2)]
+    for epoch in range(2):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        parts = [list(r) for r in ranks]
+        assert len(parts[0]) == len(parts[1]) == len(ranks[0])  # every rank steps the same number of times
+        whole = [b for b in single if len(b) >= 2]
+        assert len(whole) == len(parts[0])
+        for full, a, b in zip(whole, *parts):
+            assert sorted(a + b) == sorted(full) and not set(a) & set(b)
+
+
+def student_settings(cache_dir, out, **extra):
+    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 64, "lr": 0.05, "workers": 0, "mode": "kd",
+            "device": "cpu", "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
+            "out": str(out), **extra}
+
+
+def test_ddp_student_writes_once_and_matches_a_single_process_run(data_cfg, cache_dir, tmp_path):
+    raw = {"data": data_cfg.model_dump(), "students": {"kd": student_settings(cache_dir, tmp_path / "ddp")}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = torchrun(["train-student", "kd"], params_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student kd (kd): test accuracy") == 1  # rank 0 alone reports and writes
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == \
+        ["config.json", "confusion.json", "history.json", "metrics.json", "student.pt"]
+    assert load_checkpoint(tmp_path / "ddp" / "student.pt")["config"]["student"]["batch_size"] == 64
+
+    single = train_student(validate({"data": data_cfg.model_dump(),
+                                     "students": {"kd": student_settings(cache_dir, tmp_path / "one")}}), "kd")
+    assert single["world_size"] == 1
+    # same global batch, same epochs: accuracy within the noise of 300 test images and a 600-sample training set
+    assert abs(ddp["test_acc"] - single["test_acc"]) < 0.08, (ddp["test_acc"], single["test_acc"])
+    assert abs(ddp["agreement"] - single["agreement"]) < 0.08
+
+
+def test_ddp_teacher_trains_and_rank_0_writes_the_checkpoint(data_cfg, tmp_path):
+    raw = {"data": data_cfg.model_dump(),
+           "teacher": {"model": "resnet8", "epochs": 2, "batch_size": 32, "lr": 0.05, "workers": 0, "device": "cpu",
+                       "out": str(tmp_path / "teacher")}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = torchrun(["train-teacher"], params_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("teacher resnet8: test accuracy") == 1
+    metrics = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test_acc"] > 0.2  # chance is 0.1
+    assert not (tmp_path / "teacher" / "resume.pt").exists()
+
+
+def test_batch_size_that_does_not_split_over_ranks_is_one_line_error(data_cfg, tmp_path):
+    raw = {"data": data_cfg.model_dump(),
+           "teacher": {"model": "resnet8", "epochs": 1, "batch_size": 33, "workers": 0, "device": "cpu",
+                       "out": str(tmp_path / "teacher")}}
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    result = torchrun(["train-teacher"], params_path)
+    assert result.returncode != 0
+    assert "error: batch_size 33 does not split evenly over 2 processes" in result.stderr
+    assert not (tmp_path / "teacher" / "teacher.pt").exists()
