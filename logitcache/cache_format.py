@@ -19,6 +19,10 @@ SCHEMA_VERSION = 1
 JSON_ATTRS = ("format", "schema_version", "logitcache_version", "teacher", "dataset", "transform",
               "views", "dtypes", "layers", "topk", "teacher_accuracy", "complete")
 REQUIRED_DATASETS = ("index", "labels", "views/params")
+ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channels"),
+             "dataset": ("name", "split", "count", "fingerprint"),
+             "transform": ("normalize.mean", "normalize.std", "augment"),
+             "views": ("count", "mode", "seed", "eval_view"), "dtypes": ("logits",)}
 FLOAT16_MAX = 65504.0
 
 
@@ -39,12 +43,13 @@ def get_attr(f: h5py.File, name: str, path: str | Path = "cache"):
 def read_metadata(f: h5py.File, path: str | Path) -> dict:
     """Every JSON attribute, after checking that this is a complete cache of a schema we read."""
     if get_attr(f, "format", path) != FORMAT_NAME:
-        raise LogitcacheError(f"{path}: not a logitcache cache (format attribute is wrong)")
+        raise LogitcacheError(f"{path}: not a logitcache cache (format attribute is wrong); give a file from dump-teacher")
     version = get_attr(f, "schema_version", path)
     if version != SCHEMA_VERSION:
         raise LogitcacheError(f"{path}: cache schema version {version}, this logitcache reads {SCHEMA_VERSION}; "
                               f"re-dump it with logitcache {__version__}")
     meta = {name: get_attr(f, name, path) for name in JSON_ATTRS}
+    _check_structure(meta, path)
     if meta["complete"] is not True:
         raise LogitcacheError(f"{path}: cache is incomplete (the dump did not finish); rerun dump-teacher to resume it")
     expected = [*REQUIRED_DATASETS, *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
@@ -55,20 +60,45 @@ def read_metadata(f: h5py.File, path: str | Path) -> dict:
     return meta
 
 
-def open_cache(path: str | Path) -> tuple[h5py.File, dict]:
-    """Open a cache read-only and validate it; the caller closes the file."""
+def _check_structure(meta: dict, path: str | Path) -> None:
+    """JSON that parses but lacks what readers index into is damage too: refuse it here, not as a KeyError later."""
+    for name, keys in ATTR_KEYS.items():
+        missing = [key for key in keys if not _has(meta[name], key.split("."))]
+        if missing:
+            raise LogitcacheError(f"{path}: attribute '{name}' lacks {', '.join(missing)}; the file is damaged, re-dump it")
+    layers = meta["layers"]
+    if not isinstance(layers, list) or not all(isinstance(x, dict) and {"name", "shape", "pooled_to"} <= x.keys()
+                                               for x in layers):
+        raise LogitcacheError(f"{path}: attribute 'layers' is not a list of layer records; the file is damaged, re-dump it")
+
+
+def _has(value, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open any HDF5 file read-only, with one-line errors for a missing, locked or unreadable file."""
     path = Path(path)
     if not path.exists():
         raise LogitcacheError(f"cache {path} does not exist; run `logitcache dump-teacher` first")
     if path.is_dir():
         raise LogitcacheError(f"cache {path} is a directory; give the .h5 file")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except BlockingIOError:
         raise LogitcacheError(f"cache {path} is being written by another process; wait for the dump to finish") from None
     except OSError as e:
         raise LogitcacheError(f"cache {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); "
                               "it is truncated or damaged, re-dump it") from None
+
+
+def open_cache(path: str | Path) -> tuple[h5py.File, dict]:
+    """Open a cache read-only and validate it; the caller closes the file."""
+    f = open_h5(path)
     try:
         return f, read_metadata(f, path)
     except Exception:

@@ -70,6 +70,16 @@ class Cache:
     def read(self, name: str, selection=slice(None)) -> np.ndarray:
         return read_rows(self.file[name], selection, self.path)
 
+    def verify_checksums(self) -> None:
+        """Read every array in chunk-aligned blocks: fletcher32 catches damage anywhere, not only in sampled rows."""
+        names: list[str] = []
+        self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            ds = self.file[name]
+            step = max(1, (ds.chunks or (len(ds),))[0] * 8)
+            for lo in range(0, len(ds), step):
+                self.read(name, slice(lo, lo + step))
+
     def view_params(self) -> np.ndarray:
         return self.read("views/params")
 
@@ -89,6 +99,11 @@ class Cache:
             if made[key] != ours:
                 raise LogitcacheError(f"{self.path}: cache was made from {key} {made[key]!r}, "
                                       f"the training data has {key} {ours!r}; dump the teacher on this data")
+        norm = self.meta["transform"]["normalize"]  # the teacher's inputs: another transform, other targets
+        if (norm["mean"], norm["std"]) != (list(split.mean), list(split.std)):
+            raise LogitcacheError(f"{self.path}: cache was made with normalisation mean {norm['mean']} std {norm['std']}, "
+                                  f"the training data has mean {list(split.mean)} std {list(split.std)}; "
+                                  "dump the teacher on this data")
         labels = self.read("labels")
         wrong = np.flatnonzero(labels != split.labels.numpy())
         if len(wrong):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache_format import open_h5, read_metadata
 from .cache_reader import Cache
 from .config import DataConfig
 from .data import load_split
@@ -21,16 +22,13 @@ from .views import ViewRenderer, ViewSpec, normalizer
 def describe(path: str | Path) -> dict:
     """Summary of any cache file, complete or not (an unfinished .partial reports complete: false)."""
     path = Path(path)
-    if not path.is_file():
-        raise LogitcacheError(f"cache {path} does not exist or is not a file")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: _json(v) for k, v in f.attrs.items()}
-            arrays = {}
-            f.visititems(lambda name, obj: arrays.__setitem__(name, (obj.shape, str(obj.dtype)))
-                         if isinstance(obj, h5py.Dataset) else None)
-    except OSError as e:
-        raise LogitcacheError(f"cache {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); it is damaged") from None
+    with open_h5(path) as f:
+        if "rows_done" not in f.attrs:  # a finished cache: refuse what a reader would refuse
+            read_metadata(f, path)
+        attrs = {k: _json(v) for k, v in f.attrs.items()}
+        arrays = {}
+        f.visititems(lambda name, obj: arrays.__setitem__(name, (obj.shape, str(obj.dtype)))
+                     if isinstance(obj, h5py.Dataset) else None)
     n = arrays.get("index", ((0,),))[0][0]
     size = path.stat().st_size
     return {"path": str(path), "complete": attrs.get("complete") is True, "teacher": attrs.get("teacher"),
@@ -49,8 +47,10 @@ def _json(value):
 
 def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples: int = 64, seed: int = 0,
            atol: float = 0.05, min_cosine: float = 0.999) -> dict:
-    """Recompute random (sample, view) rows with the teacher and compare; raises beyond tolerance."""
+    """Check every chunk's checksum, then recompute random (sample, view) rows with the teacher and compare;
+    raises on damage or beyond tolerance."""
     with Cache(path) as cache:
+        cache.verify_checksums()
         teacher = load_teacher(teacher_path)
         if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
             raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path})")
