@@ -24,12 +24,20 @@ class Group(click.Group):
         except LogitcacheError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_own_line(e)}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; unfinished outputs were not written; rerun the same command "
                        "(train-teacher/train-student with --resume) to continue", err=True)
             sys.exit(130)
+
+
+def _own_line(error: LogitcacheError) -> str:
+    """The error's one line, also when a DataLoader worker re-raised it wrapped in its traceback text."""
+    lines = str(error).strip().splitlines()
+    if len(lines) < 2:
+        return str(error)
+    return lines[-1].partition("LogitcacheError: ")[2] or lines[-1]
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -36,6 +36,19 @@ def _known_model(name: str) -> str:
     return name
 
 
+def _folder(path: str) -> str:
+    """An output folder: a file in its place would only fail when the run writes its results."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError("is a file, not a folder; give a folder path")
+    return path
+
+
+def _file(path: str | None) -> str | None:
+    if path is not None and Path(path).is_dir():
+        raise ValueError("is a directory; give a file path")
+    return path
+
+
 class AugmentConfig(Section):
     """A replayable augmentation policy: crop offsets and flip, then optional transforms.v2 ops."""
 
@@ -67,6 +80,8 @@ class DataConfig(Section):
     train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples")
     test_limit: int | None = Field(None, ge=1, description="keep only the first N test samples")
 
+    _check_root = field_validator("root")(_folder)
+
 
 class TrainConfig(Section):
     """What teacher and student training share: model, optimiser, schedule, loader."""
@@ -86,6 +101,7 @@ class TrainConfig(Section):
     out: str
 
     _check_model = field_validator("model")(_known_model)
+    _check_out = field_validator("out")(_folder)
 
 
 class TeacherConfig(TrainConfig):
@@ -113,6 +129,9 @@ class DumpConfig(Section):
     amp: bool = Field(True, description="float16 autocast on CUDA when logits are stored as float16")
     out: str = Field("data/cache", description="folder of <split>.h5 files")
     overwrite: bool = False
+
+    _check_out = field_validator("out")(_folder)
+    _check_teacher = field_validator("teacher")(_file)
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -162,6 +181,8 @@ class StudentConfig(TrainConfig):
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
     out: str = "data/students/default"
+
+    _check_files = field_validator("labeled_indices", "teacher", "test_cache")(_file)
 
 
 class Params(Section):
