@@ -103,7 +103,7 @@ def cache_path(cfg: DumpConfig, split: str) -> Path:
 def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
     cfg = params.dump
     split = load_split(params.data, split_name)
-    _check_teacher_fits(teacher, split, cfg)
+    _check_teacher_fits(teacher, split, params)
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
@@ -126,13 +126,22 @@ def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
         writer.close()
 
 
-def _check_teacher_fits(teacher: Teacher, split: Split, cfg: DumpConfig) -> None:
-    made_on = teacher.info.get("dataset", {}).get("name")
+def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
+    """Refuse, before any work, a teacher that is not the configured one or was made for other data or inputs."""
+    cfg, info, path = params.dump, teacher.info, params.dump.teacher
+    if info["model"] != params.teacher.model:
+        raise LogitcacheError(f"teacher checkpoint {path} holds a {info['model']} but teacher.model is "
+                              f"{params.teacher.model}; set teacher.model={info['model']} or retrain the teacher")
+    made_on = info.get("dataset", {}).get("name")
     if made_on != split.dataset:
-        raise LogitcacheError(f"teacher was trained on '{made_on}' but the data set is '{split.dataset}'")
-    if teacher.info["num_classes"] != split.num_classes or teacher.info["in_channels"] != split.channels:
-        raise LogitcacheError(f"teacher has {teacher.info['num_classes']} classes/{teacher.info['in_channels']} channels, "
-                              f"data has {split.num_classes}/{split.channels}")
+        raise LogitcacheError(f"teacher {path} was trained on '{made_on}' but the data set is '{split.dataset}'; "
+                              "use a teacher trained on this data")
+    if info["num_classes"] != split.num_classes or info["in_channels"] != split.channels:
+        raise LogitcacheError(f"teacher {path} has {info['num_classes']} classes/{info['in_channels']} channels, "
+                              f"data has {split.num_classes}/{split.channels}; retrain the teacher on this data")
+    if "mean" in info and (info["mean"], info["std"]) != (list(split.mean), list(split.std)):
+        raise LogitcacheError(f"teacher {path} was trained with normalisation mean {info['mean']} std {info['std']}, "
+                              f"the data has mean {list(split.mean)} std {list(split.std)}; retrain the teacher on this data")
     if cfg.topk is not None and cfg.topk >= split.num_classes:
         raise LogitcacheError(f"dump.topk={cfg.topk} must be below the class count {split.num_classes}; "
                               "use topk: null to store full logits")

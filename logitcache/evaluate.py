@@ -11,16 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache_reader import Cache
-from .config import DataConfig
-from .data import IndexedDataset, load_split
+from .config import DataConfig, validate
+from .data import IndexedDataset, Split, load_split
+from .errors import LogitcacheError
 from .train import load_model, make_loader, place, predict, select_device, topk_accuracy, write_json
 from .views import normalizer
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
-                   confusion: Path | None = None) -> dict:
+                   confusion: Path | None = None, model_info: dict | None = None) -> dict:
     """Accuracy, agreement and KL with the teacher (from the test cache), size and speed."""
     test = load_split(data, "test")
+    if model_info is not None:
+        _check_fits(model_info, test)
     loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
     prepare = normalizer(test.mean, test.std)
     logits, labels = predict(model, loader, device, prepare)
@@ -42,6 +45,14 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
         metrics["compression"] = teacher_params / n_params if teacher_params else None
     metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
     return metrics
+
+
+def _check_fits(info: dict, test: Split) -> None:
+    """A model for other classes or channels would be scored against the wrong labels, or crash mid-run."""
+    if (info["num_classes"], info["in_channels"]) != (test.num_classes, test.channels):
+        raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
+                              f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
+                              f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")
 
 
 def write_confusion(path: Path, labels: torch.Tensor, predicted: torch.Tensor) -> None:
@@ -80,6 +91,9 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str 
     """Judge a student checkpoint on its own: same metrics as at the end of its training run."""
     model, ckpt = load_model(path)
     dev = select_device(device)
-    data = DataConfig.model_validate(ckpt["config"]["data"])
+    if not isinstance(ckpt["config"].get("data"), dict):
+        raise LogitcacheError(f"checkpoint {path} records no data config; give a student.pt from train-student")
+    data = validate({"data": ckpt["config"]["data"]}, source=f"data config of checkpoint {path}").data
     student = ckpt["config"].get("student", {})
-    return evaluate_model(place(model, dev), data, dev, test_cache or student.get("test_cache"))
+    return evaluate_model(place(model, dev), data, dev, test_cache or student.get("test_cache"),
+                          model_info=ckpt["model_info"])
