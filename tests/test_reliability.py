@@ -14,6 +14,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -528,6 +529,34 @@ def test_dump_onto_a_partial_another_process_writes_is_refused(data_cfg, teacher
     seen = _spy_on_resume(monkeypatch)
     dump_teacher(params)  # once the other process is gone, the same command resumes
     assert seen[0] > 0 and (tmp_path / "cache" / "train.h5").exists() and not partial.exists()
+
+
+def test_sigint_during_the_dump_exits_130_keeps_the_partial_and_a_rerun_resumes(data_cfg, teacher_ckpt, tmp_path,
+                                                                               monkeypatch):
+    settings = {"views": 8, "layers": ["layer1"], "feature_pool": 14, "batch_size": 64}
+    out = tmp_path / "cache"
+    partial = out / "train.h5.partial"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "logitcache", "dump-teacher", *data_args(data_cfg), "--teacher",
+                             str(teacher_ckpt), "--out", str(out), "-S", "dump.splits=[train]", "-S", "dump.views=8",
+                             "-S", "dump.layers=[layer1]", "-S", "dump.feature_pool=14", "-S", "dump.batch_size=64",
+                             "-S", "dump.workers=0"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 2_000_000):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert not (out / "train.h5").exists(), "the run finished before it was interrupted"
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "interrupted" in errors[0] and "rerun the same command" in errors[0]
+    with h5py.File(partial, "r") as f:
+        assert 0 < int(f.attrs["rows_done"]) < 600
+    seen = _spy_on_resume(monkeypatch)
+    [resumed] = dump_teacher(dump_params(data_cfg, teacher_ckpt, out, **settings))
+    [reference] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "reference", **settings))
+    assert seen[0] > 0 and not partial.exists()
+    assert_same_content(resumed, reference)
 
 
 # ---------------------------------------------------------------- 5. determinism of loader workers
