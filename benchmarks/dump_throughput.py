@@ -91,7 +91,7 @@ def main() -> None:
         prepare_data(DataConfig(**data))  # a split of exactly --samples rows
         for r in range(args.repeats):
             params = validate({
-                "data": data,
+                "data": data, "teacher": {"model": teacher.info["model"]},
                 "dump": {"teacher": args.teacher, "views": args.views, "layers": [args.layer], "splits": ["train"],
                          "batch_size": args.batch_size, "workers": args.workers, "out": f"{tmp}/run{r}"},
             })
