@@ -107,6 +107,7 @@ class Cache:
         labels = self.read("labels")
         wrong = np.flatnonzero(labels != split.labels.numpy())
         if len(wrong):
-            raise LogitcacheError(f"{self.path}: labels differ from the data at {len(wrong)} row(s), first {wrong[:5].tolist()}")
+            raise LogitcacheError(f"{self.path}: labels differ from the data at {len(wrong)} row(s), "
+                                  f"first {wrong[:5].tolist()}; dump the teacher on this data")
         if not np.array_equal(self.read("index"), np.arange(len(split))):
             raise LogitcacheError(f"{self.path}: sample index column is not 0..N-1; the cache is damaged, re-dump it")

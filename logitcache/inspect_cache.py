@@ -53,7 +53,8 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         cache.verify_checksums()
         teacher = load_teacher(teacher_path)
         if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
-            raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path})")
+            raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path}); "
+                                  "pass --teacher with the checkpoint it was made from")
         split = load_split(data, cache.meta["dataset"]["split"])
         cache.check_matches(split)
         rng = np.random.default_rng(seed)
@@ -84,5 +85,6 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
     bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]
     report["ok"] = not bad
     if bad:
-        raise LogitcacheError(f"{path} does not match its teacher: {'; '.join(bad)}")
+        raise LogitcacheError(f"{path} does not match its teacher: {'; '.join(bad)}; re-dump it "
+                              "(or raise --atol when checking on another device)")
     return report
