@@ -522,6 +522,9 @@ def test_dump_onto_a_partial_another_process_writes_is_refused(data_cfg, teacher
         with pytest.raises(LogitcacheError) as e:
             dump_teacher(params)
         assert sha256(partial) == before
+        with pytest.raises(LogitcacheError, match="is being written by another process; wait for the dump to finish"):
+            Cache(partial)
+        assert_refused(cli("inspect", partial), "is being written by another process")
     finally:
         release(writer)
     assert_one_line(e.value, f"{partial} is open in another process (a dump is running); wait for it")
