@@ -29,7 +29,7 @@ class CacheWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.n = n
         self.arrays = arrays
-        _refuse_existing(self.path, overwrite)
+        refuse_existing(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self._resume(run_key) or self._create(run_key, compression)
 
@@ -44,8 +44,14 @@ class CacheWriter:
             f = h5py.File(self.partial, "r+")
         except BlockingIOError:
             raise LogitcacheError(f"{self.partial} is open in another process (a dump is running); wait for it") from None
-        except OSError:  # killed mid-write beyond repair: start over
-            self.partial.unlink()
+        except PermissionError:
+            raise LogitcacheError(f"{self.partial} cannot be opened for writing (permission denied); "
+                                  "fix its permissions and rerun the same command to resume") from None
+        except OSError as e:
+            if e.errno is not None:  # the system refused (read-only file system...): the file may be fine, keep it
+                raise LogitcacheError(f"{self.partial} cannot be opened for writing ({str(e).splitlines()[0]}); "
+                                      "fix that and rerun the same command to resume") from None
+            self.partial.unlink()  # HDF5 cannot read it (killed mid-write beyond repair): start over
             return None
         if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
             return f
@@ -124,13 +130,16 @@ def _dataset_names(f: h5py.File) -> list[str]:
     return names
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
+def refuse_existing(path: Path, overwrite: bool, check_lock: bool = True) -> None:
+    """Refuse a directory, an existing cache without `overwrite`, and (check_lock) one that a reader holds open."""
     if path.is_dir():
         raise LogitcacheError(f"cache path {path} is a directory; give a file path")
     if not path.exists():
         return
     if not overwrite:
         raise LogitcacheError(f"cache {path} already exists; pass --overwrite (dump.overwrite=true) to replace it")
+    if not check_lock:
+        return
     try:
         h5py.File(path, "r+").close()  # a reader's lock makes this fail: never replace a file in use
     except BlockingIOError:

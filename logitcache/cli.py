@@ -128,18 +128,25 @@ def dump_teacher_cmd(params, overwrite) -> None:
     """Run the teacher once over every sample and view; write <out>/<split>.h5 (logits, features, views).
 
     A killed run resumes where it stopped when started again with the same arguments.
+    Under torchrun every process dumps its shard of the samples and rank 0 merges them
+    into the same <out>/<split>.h5.
 
     \b
     Example:
       logitcache dump-teacher --views 4 --layers layer2,layer3
       logitcache dump-teacher --views all --topk 5 --out data/cache_top5
+      torchrun --nproc-per-node 4 -m logitcache dump-teacher    # one shard per process
     """
+    from .distributed import session
     from .dump import dump_teacher
 
     if overwrite:
         params = params.model_copy(update={"dump": params.dump.model_copy(update={"overwrite": True})})
-    for path in dump_teacher(params):
-        click.echo(f"wrote {path}")
+    with session(params.dump.device) as dist:
+        paths = dump_teacher(params, dist)
+    if dist.is_main:
+        for path in paths:
+            click.echo(f"wrote {path}")
 
 
 @main.command("inspect")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +16,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, shards
 from .cache_format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
-from .cache_writer import BackgroundWriter, CacheWriter
+from .cache_writer import BackgroundWriter, CacheWriter, refuse_existing
 from .config import DumpConfig, Params
 from .data import Split, load_split
+from .distributed import Dist
 from .errors import LogitcacheError
 from .models import feature_nodes
-from .train import load_model, place, select_device, to_input
+from .train import load_model, place, to_input
 from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
 
 
@@ -90,25 +92,55 @@ class ViewDataset(Dataset):
         return views, self.split.labels[i], i
 
 
-def dump_teacher(params: Params) -> list[Path]:
-    """Dump every configured split; returns the cache paths."""
-    teacher = load_teacher(params.dump.teacher)
-    return [dump_split(params, teacher, split) for split in params.dump.splits]
+def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
+    """Dump every configured split; returns the cache paths.
+
+    In a world of one the rows go straight into each cache. Under torchrun every rank
+    dumps its shard of each split and rank 0 merges the shards into the same cache.
+    """
+    teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
+    return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
 
 
 def cache_path(cfg: DumpConfig, split: str) -> Path:
     return Path(cfg.out) / f"{split}.h5"
 
 
-def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
+@dataclass
+class SplitJob:
+    """One split's dump, prepared and validated the same way on every rank."""
+
+    cfg: DumpConfig
+    split: Split
+    dataset: ViewDataset
+    vparams: np.ndarray
+    taker: FeatureTaker
+    prepare: Callable
+    device: torch.device
+    amp: bool
+    arrays: dict[str, tuple[tuple[int, ...], str]]
+    record: dict
+    run_key: str
+    path: Path
+
+    @property
+    def n(self) -> int:
+        return len(self.vparams)
+
+    @property
+    def per_batch(self) -> int:
+        """Samples per teacher batch (all their views go through together)."""
+        return max(1, self.cfg.batch_size // self.vparams.shape[1])
+
+
+def prepare_split(params: Params, teacher: Teacher, split_name: str, device: torch.device) -> SplitJob:
     cfg = params.dump
     split = load_split(params.data, split_name)
     _check_teacher_fits(teacher, split, params)
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
-    n, v = vparams.shape[:2]
-    device = select_device(cfg.device)
+    v = vparams.shape[1]
     taker = place(FeatureTaker(teacher.model, cfg.layers), device).eval()
     prepare = normalizer(split.mean, split.std)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
@@ -117,13 +149,80 @@ def dump_split(params: Params, teacher: Teacher, split_name: str) -> Path:
     record = _metadata(cfg, teacher, split, spec, vparams, shapes, taker)
     run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
                                          "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
-    writer = CacheWriter(cache_path(cfg, split_name), n, arrays, run_key, cfg.compression, cfg.overwrite)
+    return SplitJob(cfg, split, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, taker, prepare, device, amp,
+                    arrays, record, run_key, cache_path(cfg, split_name))
+
+
+def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = Dist.single()) -> Path:
+    if dist.active:
+        return _dump_split_sharded(params, teacher, split_name, dist)
+    cfg = params.dump
+    job = prepare_split(params, teacher, split_name, dist.device(cfg.device))
+    writer = CacheWriter(job.path, job.n, job.arrays, job.run_key, cfg.compression, cfg.overwrite)
     try:
-        _fill(writer, taker, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, cfg, prepare, device, amp)
-        record["teacher_accuracy"] = _verify_and_score(writer, split, record)
-        return writer.finish(record)
+        _fill(writer, job)
+        path = _verify_and_finish(writer, job)
     finally:
         writer.close()
+    shards.remove(path)  # leftovers of a killed torchrun run of this cache are of no use now
+    return path
+
+
+def _dump_split_sharded(params: Params, teacher: Teacher, split_name: str, dist: Dist) -> Path:
+    """Every rank: validate, then dump its own shard; rank 0: merge once all are complete. Collective."""
+    cfg = params.dump
+
+    def prepare(beat) -> SplitJob:
+        job = prepare_split(params, teacher, split_name, dist.device(cfg.device))
+        # the same refusal on every rank; only rank 0 also tries the file's lock (a reader holding it open)
+        refuse_existing(job.path, cfg.overwrite, check_lock=dist.is_main)
+        return job
+
+    job = shards.together(dist, prepare)
+    plan = shards.plan(job.path, job.n, job.per_batch, dist.world_size)
+    shards.together(dist, lambda beat: dump_shard(job, plan[dist.rank], progress=dist.is_main, beat=beat))
+    shards.together(dist, lambda beat: merge_shards(job, plan, beat) if dist.is_main else None)
+    return job.path
+
+
+def dump_shard(job: SplitJob, shard: shards.Shard, progress: bool = True,
+               beat: shards.Beat = shards.no_beat) -> None:
+    """Write one rank's shard file (resumable on its own); a complete shard of this very command is kept."""
+    if not shard.size:
+        return
+    if shards.finished(shard, job.run_key):
+        shards.note(f"rank {shard.rank}: {shard.path} is complete, kept")
+        return
+    writer = CacheWriter(shard.path, shard.size, job.arrays, shard.run_key(job.run_key), job.cfg.compression,
+                         overwrite=True)  # a complete shard of another command is replaced
+    try:
+        if writer.rows_done:
+            shards.note(f"rank {shard.rank}: resuming {writer.partial} at row {writer.rows_done} of {shard.size}")
+        _fill(writer, job, offset=shard.start, progress=progress,
+              desc=f"dump {job.split.name} [rank {shard.rank} of {shard.world}]", beat=beat)
+        writer.finish({"shard": shard.describe(job.run_key), "record": job.record})
+    finally:
+        writer.close()
+
+
+def merge_shards(job: SplitJob, plan: list[shards.Shard], beat: shards.Beat = shards.no_beat) -> Path:
+    """Rank 0: copy the complete shards into the final cache, verify and score it like any dump, drop the shards."""
+    shards.check(plan, job.run_key)
+    cfg = job.cfg
+    writer = CacheWriter(job.path, job.n, job.arrays, shards.merge_key(job.run_key, len(plan)), cfg.compression,
+                         cfg.overwrite)
+    try:
+        shards.copy_into(writer, plan, beat)
+        path = _verify_and_finish(writer, job, beat)
+    finally:
+        writer.close()
+    shards.remove(path)
+    return path
+
+
+def _verify_and_finish(writer: CacheWriter, job: SplitJob, beat: shards.Beat = shards.no_beat) -> Path:
+    record = {**job.record, "teacher_accuracy": _verify_and_score(writer, job.split, job.record, beat)}
+    return writer.finish(record)
 
 
 def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
@@ -190,25 +289,28 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
     }
 
 
-def _fill(writer: CacheWriter, taker, dataset: ViewDataset, vparams, cfg: DumpConfig, prepare, device, amp) -> None:
-    n, v = vparams.shape[:2]
-    per_batch = max(1, cfg.batch_size // v)
+def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = True, desc: str | None = None,
+          beat: shards.Beat = shards.no_beat) -> None:
+    """Samples offset + [rows_done, writer.n) into the writer's rows [rows_done, writer.n), in whole batches."""
+    cfg, vparams, device = job.cfg, job.vparams, job.device
+    v = vparams.shape[1]
     start = writer.rows_done
-    rows = torch.utils.data.Subset(dataset, range(start, n))
-    loader = DataLoader(rows, batch_size=per_batch, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    rows = torch.utils.data.Subset(job.dataset, range(offset + start, offset + writer.n))
+    loader = DataLoader(rows, batch_size=job.per_batch, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     background = BackgroundWriter(writer)
-    bar = tqdm(total=n, initial=start, desc=f"dump {dataset.split.name}", unit="sample", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = tqdm(total=writer.n, initial=start, desc=desc or f"dump {job.split.name}", unit="sample",
+               dynamic_ncols=True, mininterval=1.0, disable=not progress)
     try:
         for images, labels, index in loader:
             b = len(labels)
-            x = to_input(images.flatten(0, 1), device, prepare)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                out = taker(x)
+            x = to_input(images.flatten(0, 1), device, job.prepare)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=job.amp):
+                out = job.taker(x)
             batch = _rows(out, b, v, cfg, index)
             batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/params": vparams[index.numpy()]})
-            background.submit(int(index[0]), batch)
+            background.submit(int(index[0]) - offset, batch)
             bar.update(b)
+            beat()
     finally:
         bar.close()
         background.drain()
@@ -238,7 +340,8 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: 
     return rows
 
 
-def _verify_and_score(writer: CacheWriter, split: Split, record: dict) -> dict:
+def _verify_and_score(writer: CacheWriter, split: Split, record: dict,
+                      beat: shards.Beat = shards.no_beat) -> dict:
     """Read every array back in blocks (checksums, finiteness, index, labels) and score the teacher on it."""
     f, path = writer.file, writer.partial
     labels = split.labels.numpy()
@@ -263,5 +366,6 @@ def _verify_and_score(writer: CacheWriter, split: Split, record: dict) -> dict:
                 correct += int(match.sum())
                 if hits is not None:
                     hits[rows] = match[:, ev]
+            beat()
     total = len(split) * record["views"]["count"]
     return {"all_views": correct / total, "eval_view": None if hits is None else float(hits.mean())}
