@@ -37,8 +37,6 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
     """
     cfg = params.student(name)
     out = Path(cfg.out)
-    if dist.is_main and not resume:
-        (out / "metrics.json").unlink(missing_ok=True)  # written again only once every run has finished
     if not cfg.seeds:
         return train_one(params, cfg, name, out, resume=resume, dist=dist)
     runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}",
@@ -86,9 +84,6 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     if resume and (done := _finished_run(out, config)) is not None:
         return done
     device = select_device(cfg.device, dist)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "student.pt").unlink(missing_ok=True)  # only a finished run leaves a checkpoint
     seed_everything(cfg.seed)
     train = load_split(params.data, "train")
     method_cls = METHODS[cfg.mode]
@@ -112,7 +107,8 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     prepare = normalizer(train.mean, train.std)
     online = _online_teacher(cfg, meta, device) if cfg.online and distilling else None
     total_steps = cfg.epochs * len(sampler)
-    checkpointer = Checkpointer(out, {**config, "world_size": dist.world_size},
+    checkpointer = Checkpointer(out, [out / "student.pt", Path(cfg.out) / "metrics.json"],
+                                {**config, "world_size": dist.world_size},
                                 {"student": taker, "method": method, "optimizer": optimizer, "scheduler": scheduler},
                                 loader.generator, dist)
 

@@ -30,9 +30,6 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     out = Path(cfg.out)
     device = select_device(cfg.device, dist)
     train, test = load_split(params.data, "train"), load_split(params.data, "test")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CHECKPOINT).unlink(missing_ok=True)  # only a finished run leaves a checkpoint
     seed_everything(cfg.seed)
     model = place(build_model(cfg.model, train.channels, train.num_classes), device)
     if dist.active:
@@ -48,7 +45,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
                               workers=0, device=device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, len(loader))
     config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
-    checkpointer = Checkpointer(out, {**config, "world_size": dist.world_size},
+    checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
                                 {"model": model, "optimizer": optimizer, "scheduler": scheduler}, loader.generator, dist)
 
     def step(batch):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -189,11 +190,23 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickle carrying code, or a damaged file
-        raise LogitcacheError(f"checkpoint {path} cannot be loaded safely (weights_only): {str(e).splitlines()[0]}") from None
+        raise LogitcacheError(f"checkpoint {path} {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise LogitcacheError(f"checkpoint {path} is not a logitcache checkpoint (no state_dict/config)")
     ckpt["config"] = json.loads(ckpt["config"])
     return ckpt
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to turn the safety off."""
+    text = str(error)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        return (f"holds objects other than tensors and plain data ({found.group(1)}); it was refused without running "
+                "any of it: use only checkpoints written by logitcache")
+    detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "weights_only" not in line
+                   and "Weights only" not in line), text.splitlines()[0] if text else type(error).__name__)
+    return f"cannot be read ({detail}); it is damaged or not a torch checkpoint: retrain or copy it again"
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
@@ -209,8 +222,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
-        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']}: {detail}") from None
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']} ({detail}); it is damaged or was "
+                              "saved for another architecture: retrain it") from None
     return model, ckpt
 
 
@@ -230,9 +244,21 @@ class Checkpointer:
     refused when it was made with other settings, and removed once the run's outputs exist.
     """
 
-    def __init__(self, out: Path, config: dict, stateful: dict, generator: torch.Generator, dist: Dist):
+    def __init__(self, out: Path, outputs: Iterable[Path], config: dict, stateful: dict, generator: torch.Generator,
+                 dist: Dist):
+        self.out, self.outputs = out, list(outputs)
         self.path, self.stateful, self.generator, self.dist = out / RESUME, stateful, generator, dist
         self.config = json.loads(json.dumps(config, sort_keys=True))  # as it reads back
+
+    def begin(self, resume: bool) -> None:
+        """Once the inputs are checked: the run's folder, rid of an earlier run's finished outputs (the checkpoint,
+        whose presence means "finished", and metrics) so that a kill now cannot leave them looking current."""
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for path in self.outputs:
+                path.unlink(missing_ok=True)
+            if not resume:
+                self.discard()  # a stale file from an earlier run must not be resumed later by mistake
 
     def restore(self) -> tuple[int, list[dict]]:
         """(epochs already done, their history); (0, []) when there is nothing to resume."""
@@ -262,11 +288,8 @@ class Checkpointer:
 
 def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointer, resume: bool) -> list[dict]:
     """Run epochs [start, epochs), saving resumable state after each; start > 0 only with resume."""
-    if resume:
-        start, history = checkpointer.restore()
-    else:
-        start, history = 0, []
-        checkpointer.discard()  # a stale file from an earlier run must not be resumed later by mistake
+    checkpointer.begin(resume)
+    start, history = checkpointer.restore() if resume else (0, [])
     for epoch in range(start, epochs):
         history.append(run_epoch(epoch))
         checkpointer.save(epoch + 1, history)

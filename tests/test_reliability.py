@@ -391,11 +391,11 @@ def test_checkpoint_that_would_run_code_is_refused_and_never_runs(data_cfg, teac
     ckpt = torch.load(teacher_ckpt, weights_only=True)
     torch.save({**ckpt, "extra": _RunsCode(marker)}, evil)
     monkeypatch.chdir(tmp_path)
-    words = f"checkpoint {evil} cannot be loaded safely (weights_only)"
+    words = f"checkpoint {evil} holds objects other than tensors and plain data (posix.system); it was refused"
     assert_refused(cli("evaluate", evil), words)
     assert_refused(cli("dump-teacher", "--teacher", evil, "--out", tmp_path / "out", *data_args(data_cfg)), words)
     assert_refused(cli("inspect", cache_dir / "test.h5", "--verify", "--teacher", evil, *data_args(data_cfg)), words)
-    with pytest.raises(LogitcacheError, match="cannot be loaded safely"):
+    with pytest.raises(LogitcacheError, match="refused without running any of it"):
         train_student(student_params(data_cfg, cache_dir, tmp_path / "s", online=True, teacher=str(evil)), "s")
     assert not marker.exists() and not (tmp_path / "out").exists()
     torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
