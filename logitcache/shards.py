@@ -166,7 +166,12 @@ class Heartbeat:
         """Exchange (still working, failed) with every rank; True while any rank is still working."""
         if not self.dist.active:
             return False
-        busy, failures = self.dist.sum([float(working), 0.0])
+        try:
+            busy, failures = self.dist.sum([float(working), 0.0])
+        except RuntimeError as e:  # a rank died without a word (killed, out of memory): the collective broke
+            self.stopped = True
+            raise LogitcacheError(f"rank {self.dist.rank}: lost contact with another rank ({str(e).splitlines()[0]}); "
+                                  "rerun the same torchrun command to resume") from None
         if failures:
             self.stopped = True
             raise LogitcacheError(f"rank {self.dist.rank}: stopped because another rank failed (its error is above); "

@@ -285,7 +285,10 @@ class ThreadDist(Dist):
     exchange: Exchange | None = None
 
     def sum(self, values: list[float]) -> list[float]:
-        return self.exchange.sum(self.rank, values)
+        try:
+            return self.exchange.sum(self.rank, values)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("Connection closed by peer") from None  # what gloo says when a rank died
 
 
 def run_ranks(work: dict):
@@ -325,3 +328,11 @@ def test_ranks_meet_after_every_unit_of_work_and_one_failure_stops_all():
     assert isinstance(results[0], LogitcacheError) and "another rank failed" in str(results[0])
     results, _ = run_ranks({0: units(0, fail_at=None), 1: units(1, fail_at=0)})  # failure during validation
     assert str(results[1]) == "bad sample 0" and "another rank failed" in str(results[0])
+
+    def dies(beat):  # killed without a word: it never meets again
+        beat()
+        beat.dist.exchange.barrier.abort()
+        raise ProcessLookupError("killed")
+
+    results, _ = run_ranks({0: units(5), 1: dies})
+    assert str(results[0]).startswith("rank 0: lost contact with another rank (Connection closed by peer); rerun")
