@@ -130,7 +130,7 @@ def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(da
 
 def test_student_sigint_leaves_no_finished_outputs(data_cfg, cache_dir, tmp_path):
     params_path = write_params(tmp_path, {"data": data_cfg.model_dump(),
-                                          "students": {"kd": student_settings(cache_dir, tmp_path)}})
+                                          "students": {"kd": student_settings(cache_dir, tmp_path, epochs=10)}})
     code, _, err = stop_after_an_epoch(start(["train-student", "kd"], params_path), tmp_path / "student" / RESUME,
                                        signal.SIGINT)
     assert code == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
