@@ -8,8 +8,10 @@ once every row is written, read back (checksums) and the `complete` flag is set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import re
 import threading
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .cache_format import set_attr
 from .errors import LogitcacheError
 
 CHUNK_BYTES = 512 * 1024
+RESERVE_BYTES = 1 << 20  # disk space held back so that a full disk still lets HDF5 close the partial cleanly
 
 
 class CacheWriter:
@@ -29,9 +32,27 @@ class CacheWriter:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.n = n
         self.arrays = arrays
+        self.reserve = self.path.with_name(self.path.name + ".reserve")
         refuse_existing(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self._resume(run_key) or self._create(run_key, compression)
+        # opened once: a dataset handle dropped in the middle of a failed write would flush (and fail) again
+        self.datasets = {name: self.file[name] for name in arrays}
+        self._hold_reserve()
+
+    def _hold_reserve(self) -> None:
+        """Hold RESERVE_BYTES of real blocks beside the partial; a write that finds the disk full releases them,
+        so HDF5 can still flush its metadata and close the partial in a resumable state (instead of crashing)."""
+        try:
+            with open(self.reserve, "wb") as f:
+                f.write(bytes(RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self.reserve.unlink(missing_ok=True)
+            self.close()
+            raise LogitcacheError(f"not enough free space in {self.path.parent} to write {self.partial} "
+                                  f"({_reason(e)}); free disk space and rerun the same command") from None
 
     @property
     def rows_done(self) -> int:
@@ -53,9 +74,13 @@ class CacheWriter:
                                       "fix that and rerun the same command to resume") from None
             self.partial.unlink()  # HDF5 cannot read it (killed mid-write beyond repair): start over
             return None
-        if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
-            return f
-        f.close()  # made with other arguments, or its committed rows were damaged by the kill: start over
+        try:
+            if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
+                return f
+        except Exception:  # metadata damaged by a kill or a full disk: nothing in it can be trusted
+            pass
+        with contextlib.suppress(Exception):
+            f.close()  # made with other arguments, or its committed rows were damaged: start over
         self.partial.unlink()
         return None
 
@@ -76,23 +101,29 @@ class CacheWriter:
         stop = start + len(next(iter(rows.values())))
         try:
             for name, values in rows.items():
-                self.file[name][start:stop] = values
+                self.datasets[name][start:stop] = values
             self.file.flush()
             self.file.attrs["rows_done"] = stop
             self.file.flush()
-        except OSError as e:  # a full disk, typically: the partial file stays for a resume
-            raise LogitcacheError(f"writing {self.partial} failed ({str(e).splitlines()[0]}); "
+        except (OSError, RuntimeError) as e:  # a full disk, typically (h5py raises either): the partial stays
+            self.reserve.unlink(missing_ok=True)  # room for close() to leave the partial consistent
+            raise LogitcacheError(f"writing {self.partial} failed ({_reason(e)}); "
                                   "free disk space and rerun the same command to resume") from None
 
     def finish(self, attributes: dict) -> Path:
         """Check every row is there, set the metadata and `complete`, and move the file into place."""
         if self.rows_done != self.n:
             raise LogitcacheError(f"{self.partial}: only {self.rows_done} of {self.n} rows written; rerun to resume")
-        for name, value in attributes.items():
-            set_attr(self.file, name, value)
-        del self.file.attrs["run_key"], self.file.attrs["rows_done"]
-        set_attr(self.file, "complete", True)
-        self.file.close()
+        self.reserve.unlink(missing_ok=True)  # only metadata are left to write
+        try:
+            for name, value in attributes.items():
+                set_attr(self.file, name, value)
+            del self.file.attrs["run_key"], self.file.attrs["rows_done"]
+            set_attr(self.file, "complete", True)
+            self.file.close()
+        except (OSError, RuntimeError) as e:
+            raise LogitcacheError(f"finishing {self.partial} failed ({_reason(e)}); free disk space and rerun "
+                                  "the same command") from None
         _fsync(self.partial)
         os.replace(self.partial, self.path)
         _fsync(self.path.parent)  # the rename itself survives a power loss
@@ -100,7 +131,16 @@ class CacheWriter:
 
     def close(self) -> None:
         if self.file.id.valid:
-            self.file.close()
+            with contextlib.suppress(Exception):  # after a failed write HDF5 may fail to flush again on close
+                self.file.close()
+        self.reserve.unlink(missing_ok=True)
+
+
+def _reason(error: Exception) -> str:
+    """The system's words (e.g. 'No space left on device') from h5py's multi-line error text."""
+    text = str(error)
+    found = re.search(r"error message = '([^']+)'", text)
+    return found.group(1) if found else text.splitlines()[0] if text else type(error).__name__
 
 
 def _fsync(path: Path) -> None:
@@ -144,8 +184,10 @@ def refuse_existing(path: Path, overwrite: bool, check_lock: bool = True) -> Non
         h5py.File(path, "r+").close()  # a reader's lock makes this fail: never replace a file in use
     except BlockingIOError:
         raise LogitcacheError(f"cache {path} is open in another process; stop it before overwriting") from None
-    except OSError:
-        pass  # damaged: replacing it is the point
+    except OSError as e:
+        if "already open" in str(e):  # held by a reader in this very process
+            raise LogitcacheError(f"cache {path} is open in this process; close it before overwriting") from None
+        # otherwise damaged: replacing it is the point
 
 
 class BackgroundWriter:
