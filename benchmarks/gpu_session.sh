@@ -29,7 +29,3 @@ python3 benchmarks/dump_throughput.py --teacher /tmp/gpu/t20/teacher.pt --sample
 step "student epochs: CE, KD, KD+feature, online KD (ResNet-20 teacher)"
 python3 benchmarks/student_epoch.py --cache /tmp/gpu/c20/train.h5 --test-cache /tmp/gpu/c20/test.h5 \
     --teacher /tmp/gpu/t20/teacher.pt --model cnn_tiny --epochs 1 --repeats 2 --workers 4 | tee "$log/student_epoch.txt"
-
-step "tests on CUDA (device auto picks the GPU)"
-python3 -m pytest -q -p no:cacheprovider tests/test_teacher.py tests/test_dump.py tests/test_student.py \
-    tests/test_resume.py 2>&1 | tail -n 40 | tee "$log/tests.txt" || true
