@@ -115,8 +115,9 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     for m in modules:
         m.train()
     device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # seen, loss sum, correct
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct: read every SYNC_EVERY steps
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
+    seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     for i, batch in enumerate(bar):
@@ -125,18 +126,18 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
         loss.backward()
         optimizer.step()
         scheduler.step()
+        n = len(labels)
+        seen += n
         with torch.no_grad():
             first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
-            n = len(labels)
-            totals += torch.stack([torch.tensor(n, device=device), loss.double() * n,
-                                   (logits.argmax(1) == labels).sum()]).double().nan_to_num()
+            totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
             _stop_if_non_finite(int(first_bad), epoch, desc)
-            seen, loss_sum, correct = totals.tolist()
+            loss_sum, correct = totals.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     seconds = time.perf_counter() - start
-    seen, loss_sum, correct = dist.sum(totals.tolist())
+    seen, loss_sum, correct = dist.sum([seen, *totals.tolist()])
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds, "img_per_s": seen / seconds}
 
 
