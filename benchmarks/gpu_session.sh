@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks and figures of docs/benchmarks.md ("On a GPU"), in one go on a machine with a GPU.
+# The CUDA checks in one go on a machine with a GPU: teacher (bf16), dump (fp16), dump and student benchmarks.
+# Not run yet: no GPU has been lent to this project so far.
 # Usage: bash benchmarks/gpu_session.sh [FASHION_MNIST_DIR] [LOG_DIR]
 set -euo pipefail
 source_dir=${1:-/usr/share/datasets/fashion-mnist}
