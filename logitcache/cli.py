@@ -19,6 +19,9 @@ class Group(click.Group):
     """Turns LogitcacheError into one line on stderr and exit code 2 (traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
+        from . import interrupt
+
+        interrupt.install()
         try:
             return super().invoke(ctx)
         except LogitcacheError as e:

@@ -75,7 +75,7 @@ class Method(nn.Module):
 class CE(Method):
     def forward(self, logits, student_feature, targets, progress):
         loss = masked_ce(logits, targets.labels, targets.labeled)
-        return loss, {"ce": loss.item()}
+        return loss, {"ce": loss.detach()}
 
 
 class KD(Method):
@@ -85,7 +85,7 @@ class KD(Method):
         alpha, t = self.alpha(progress), self.temperature(progress)
         ce = masked_ce(logits, targets.labels, targets.labeled)
         kd = kd_loss(logits, targets.logits, t, self.cfg.combine)
-        return alpha * kd + (1 - alpha) * ce, {"ce": ce.item(), "kd": kd.item(), "T": t, "alpha": alpha}
+        return alpha * kd + (1 - alpha) * ce, {"ce": ce.detach(), "kd": kd.detach(), "T": t, "alpha": alpha}
 
 
 class Feature(Method):
@@ -102,7 +102,7 @@ class Feature(Method):
     def forward(self, logits, student_feature, targets, progress):
         ce = masked_ce(logits, targets.labels, targets.labeled)
         hint = self.hint(student_feature, targets)
-        return ce + self.cfg.feature_weight * hint, {"ce": ce.item(), "hint": hint.item()}
+        return ce + self.cfg.feature_weight * hint, {"ce": ce.detach(), "hint": hint.detach()}
 
 
 class KDFeature(Feature):
@@ -111,7 +111,7 @@ class KDFeature(Feature):
     def forward(self, logits, student_feature, targets, progress):
         kd_part, parts = KD.forward(self, logits, student_feature, targets, progress)
         hint = self.hint(student_feature, targets)
-        return kd_part + self.cfg.feature_weight * hint, {**parts, "hint": hint.item()}
+        return kd_part + self.cfg.feature_weight * hint, {**parts, "hint": hint.detach()}
 
 
 METHODS: dict[str, type[Method]] = {"ce": CE, "kd": KD, "feature": Feature, "kd+feature": KDFeature}

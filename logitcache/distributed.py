@@ -22,6 +22,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: object = None  # a gloo group for logitcache's own small messages (CPU tensors, no GPU sync)
 
     @classmethod
     def single(cls) -> "Dist":
@@ -42,35 +43,20 @@ class Dist:
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         if name == "cuda" and self.active:
-            if self.local_rank >= torch.cuda.device_count():
-                raise LogitcacheError(f"local rank {self.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                      "launch at most one process per GPU (--nproc-per-node)")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
+            return torch.device("cuda", self.local_rank)  # `session` checked it exists and made it current
         return torch.device(name)
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
-
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank says ok: lets rank 0 wait for the others without hanging on a failed one."""
-        if not self.active:
-            return ok
-        flag = torch.tensor([0 if ok else 1], device=_collective_device())
-        dist.all_reduce(flag)
-        return int(flag.item()) == 0
+            dist.barrier(group=self.group)
 
     def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all ranks (on the CPU gloo group, so it never waits for a GPU)."""
         if not self.active:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(t)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
         return t.tolist()
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def launched_by_torchrun() -> bool:
@@ -85,11 +71,15 @@ def session(device: str = "auto"):
         return
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     use_gpu = device != "cpu" and torch.cuda.is_available()
-    backend = "nccl" if use_gpu else "gloo"
     if use_gpu:
-        torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        if local >= torch.cuda.device_count():  # before joining: no rank may wait for one that cannot start
+            raise LogitcacheError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
+                                  "launch at most one process per GPU (--nproc-per-node)")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
     try:
-        yield Dist(rank, world, local)
+        # NCCL neither runs CPU tensors nor reports a vanished peer; gloo does both
+        group = dist.new_group(backend="gloo") if use_gpu else None
+        yield Dist(rank, world, local, group)
     finally:
         dist.destroy_process_group()

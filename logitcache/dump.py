@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm.auto import tqdm
 
-from . import __version__, shards
+from . import __version__, interrupt, shards
 from .cache_format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
 from .cache_writer import BackgroundWriter, CacheWriter, refuse_existing
 from .config import DumpConfig, Params
@@ -302,6 +302,7 @@ def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = 
                dynamic_ncols=True, mininterval=1.0, disable=not progress)
     try:
         for images, labels, index in loader:
+            interrupt.check()
             b = len(labels)
             x = to_input(images.flatten(0, 1), device, job.prepare)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=job.amp):

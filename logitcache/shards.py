@@ -137,7 +137,7 @@ def remove(final: Path) -> None:
     folder = shard_dir(final)
     if not folder.is_dir():
         return
-    name = re.compile(rf"{re.escape(final.stem)}-\d{{5}}-of-\d{{5}}\.h5(\.partial)?")
+    name = re.compile(rf"{re.escape(final.stem)}-\d{{5}}-of-\d{{5}}\.h5(\.partial|\.reserve)?")
     for path in folder.iterdir():
         if name.fullmatch(path.name):
             path.unlink()

@@ -25,7 +25,8 @@ from .models import build_model, feature_nodes
 from .student_data import CachedColumn, StudentBatches, ViewBatchSampler
 from .distributed import Dist
 from .train import (RESUME, Checkpointer, autocast, data_parallel, fit, load_checkpoint, make_loader, make_optimizer,
-                    place, save_checkpoint, seed_everything, select_device, to_input, train_epoch, write_json)
+                    per_rank_batch, place, save_checkpoint, seed_epoch, seed_everything, select_device, to_input, train_epoch,
+                    write_json)
 from .views import ViewRenderer, ViewSpec, normalizer
 
 
@@ -82,14 +83,18 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
               dist: Dist = Dist.single()) -> dict:
     config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
     if resume and (done := _finished_run(out, config)) is not None:
-        return done
+        return done if dist.is_main else {}
     device = select_device(cfg.device, dist)
+    per_rank_batch(cfg.batch_size, dist)  # refuse a batch that does not split evenly over the ranks
     seed_everything(cfg.seed)
     train = load_split(params.data, "train")
     method_cls = METHODS[cfg.mode]
     distilling = cfg.mode != "ce"
     meta = _open_caches(cfg, train) if distilling else None
     labeled = labeled_mask(cfg, len(train))
+    if cfg.test_cache:  # checked now, not after training
+        with Cache(cfg.test_cache) as cache:
+            cache.check_matches(load_split(params.data, "test"))
     rows = np.arange(len(train)) if distilling else np.flatnonzero(labeled)
 
     student = build_model(cfg.model, train.channels, train.num_classes)
@@ -101,7 +106,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     method = _make_method(cfg, method_cls, taker, train, meta, device)
     learner = data_parallel(Learner(taker, method), device, dist)
     dataset, sampler = _batches(cfg, train, labeled, rows, meta, dist)
-    loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed + dist.rank, workers=cfg.workers, device=device,
+    loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed, workers=cfg.workers, device=device,
                          sampler=sampler)
     optimizer, scheduler = make_optimizer([*taker.parameters(), *method.parameters()], cfg, len(sampler))
     prepare = normalizer(train.mean, train.std)
@@ -110,7 +115,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     checkpointer = Checkpointer(out, [out / "student.pt", Path(cfg.out) / "metrics.json"],
                                 {**config, "world_size": dist.world_size},
                                 {"student": taker, "method": method, "optimizer": optimizer, "scheduler": scheduler},
-                                loader.generator, dist)
+                                dist)
 
     def step(batch, progress):
         images, labels, labeled_rows, logits, features = batch
@@ -124,6 +129,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
         return loss, logits, targets.labels
 
     def run_epoch(epoch: int) -> dict:
+        seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)
         sampler.set_epoch(epoch)
         steps = iter(range(epoch * len(sampler), (epoch + 1) * len(sampler)))
         stats = train_epoch(learner, loader, lambda b: step(b, next(steps) / max(1, total_steps - 1)), optimizer,

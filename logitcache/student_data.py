@@ -25,9 +25,9 @@ class ViewBatchSampler(Sampler):
     """Batches of (row, view) pairs; which view a row shows changes each epoch (random or round-robin).
 
     With `block` > 1 it shuffles blocks of consecutive rows, so disk reads stay chunk-friendly.
-    Under torchrun every rank draws the same global batches and keeps every world_size-th
-    pair of each, so the ranks together cover exactly the single-process epoch; a last
-    batch smaller than the world is dropped on every rank alike.
+    Under torchrun every rank draws the same global batches and keeps its contiguous part
+    of each, so the ranks together cover exactly the single-process epoch; a last batch
+    smaller than the world is dropped on every rank alike.
     """
 
     def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, block: int = 1,
@@ -53,8 +53,8 @@ class ViewBatchSampler(Sampler):
             views = (order + self.epoch) % self.views
         for lo in range(0, len(order), self.batch_size):
             hi = min(lo + self.batch_size, len(order))
-            if hi - lo >= self.world:
-                mine = slice(lo + self.rank, hi, self.world)
+            if hi - lo >= self.world:  # this rank's contiguous part: neighbouring rows, chunk-friendly reads
+                mine = slice(lo + (hi - lo) * self.rank // self.world, lo + (hi - lo) * (self.rank + 1) // self.world)
                 yield list(zip(order[mine].tolist(), views[mine].tolist()))
 
 

@@ -14,8 +14,8 @@ from .evaluate import write_confusion
 from .models import build_model
 from .distributed import Dist
 from .train import (Checkpointer, autocast, data_parallel, fit, make_loader, make_optimizer, per_rank_batch, place,
-                    predict, save_checkpoint, seed_everything, select_device, to_input, topk_accuracy, train_epoch,
-                    write_json)
+                    predict, save_checkpoint, seed_epoch, seed_everything, select_device, to_input, topk_accuracy,
+                    train_epoch, write_json)
 from .views import ViewSpec, normalizer
 
 CHECKPOINT = "teacher.pt"
@@ -32,21 +32,19 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     train, test = load_split(params.data, "train"), load_split(params.data, "test")
     seed_everything(cfg.seed)
     model = place(build_model(cfg.model, train.channels, train.num_classes), device)
-    if dist.active:
-        seed_everything(cfg.seed + dist.rank)  # each rank its own augmentations; DDP copies rank 0's weights
     trained = data_parallel(model, device, dist)
     prepare = normalizer(train.mean, train.std)
     augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
     dataset = IndexedDataset(train, augment)
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
-    loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed + dist.rank,
+    loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
     test_loader = make_loader(IndexedDataset(test, torch.nn.Identity()), 512, shuffle=False, seed=cfg.seed,
                               workers=0, device=device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, len(loader))
     config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
     checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
-                                {"model": model, "optimizer": optimizer, "scheduler": scheduler}, loader.generator, dist)
+                                {"model": model, "optimizer": optimizer, "scheduler": scheduler}, dist)
 
     def step(batch):
         images, labels, _ = batch
@@ -57,6 +55,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
         return loss, logits, labels
 
     def run_epoch(epoch: int) -> dict:
+        seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)  # each rank its own augmentations
         if sampler is not None:
             sampler.set_epoch(epoch)
         stats = train_epoch(trained, loader, step, optimizer, scheduler, epoch=epoch + 1,

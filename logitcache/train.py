@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import interrupt
 from .config import TrainConfig
 from .distributed import Dist
 from .errors import LogitcacheError
@@ -60,6 +61,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, rank: int, epoch: int, generator: torch.Generator) -> None:
+    """Every random draw of an epoch (augmentations, dropout, loader workers) derives from (seed, rank, epoch)
+    alone, so a resumed run replays any epoch on any rank without saving RNG states."""
+    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    seed_everything(derived)
+    generator.manual_seed(derived)
+
+
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -70,8 +79,8 @@ def make_loader(dataset: Dataset, batch_size: int | None, *, shuffle: bool, seed
                 device: torch.device, drop_last: bool = False, sampler=None) -> DataLoader:
     """A seeded loader: same seed and worker count, same batches and augmentations.
 
-    Workers are started afresh each epoch and seeded from the loader's generator, so
-    saving that generator's state (`Checkpointer`) is enough to replay any later epoch.
+    Workers are started afresh each epoch and seeded from the loader's generator, which
+    `seed_epoch` re-seeds: any epoch can be replayed on its own.
     """
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -121,6 +130,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     for i, batch in enumerate(bar):
+        interrupt.check()
         loss, logits, labels = step(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,7 +142,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
             first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
             totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
-            _stop_if_non_finite(int(first_bad), epoch, desc)
+            _stop_if_non_finite(int(first_bad), epoch, desc, dist)
             loss_sum, correct = totals.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
@@ -141,10 +151,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds, "img_per_s": seen / seconds}
 
 
-def _stop_if_non_finite(first_bad: int, epoch: int, desc: str) -> None:
-    if first_bad >= 0:
-        raise LogitcacheError(f"{desc}: loss became non-finite at epoch {epoch}, step {first_bad}; nothing was "
-                              "saved for this epoch; lower the learning rate or check the inputs and cached targets")
+def _stop_if_non_finite(first_bad: int, epoch: int, desc: str, dist: Dist) -> None:
+    """Every rank checks at the same step, so under DDP all stop together instead of one waiting for the others."""
+    if dist.sum([float(first_bad >= 0)])[0] == 0:
+        return
+    where = f"step {first_bad}" if first_bad >= 0 else "a step of another rank"
+    raise LogitcacheError(f"{desc}: loss became non-finite at epoch {epoch}, {where}; nothing was saved for this "
+                          "epoch; lower the learning rate or check the inputs and cached targets")
 
 
 @torch.inference_mode()
@@ -238,17 +251,17 @@ RESUME = "resume.pt"
 
 
 class Checkpointer:
-    """Per-epoch resumable state: every stateful object, the RNGs, the loader's generator and the history.
+    """Per-epoch resumable state: every stateful object (model, optimiser, scheduler...) and the history.
 
-    Saved by rank 0 after each epoch; `--resume` restores it and continues from the next
-    epoch to the same result as an uninterrupted run (to the bit on the CPU). The file is
-    refused when it was made with other settings, and removed once the run's outputs exist.
+    Saved by rank 0 after each epoch; `--resume` restores it on every rank and continues
+    from the next epoch to the same result as an uninterrupted run (to the bit on the CPU;
+    random draws are re-seeded per epoch by `seed_epoch`). The file is refused when it was
+    made with other settings, and removed once the run's outputs exist.
     """
 
-    def __init__(self, out: Path, outputs: Iterable[Path], config: dict, stateful: dict, generator: torch.Generator,
-                 dist: Dist):
+    def __init__(self, out: Path, outputs: Iterable[Path], config: dict, stateful: dict, dist: Dist):
         self.out, self.outputs = out, list(outputs)
-        self.path, self.stateful, self.generator, self.dist = out / RESUME, stateful, generator, dist
+        self.path, self.stateful, self.dist = out / RESUME, stateful, dist
         self.config = json.loads(json.dumps(config, sort_keys=True))  # as it reads back
 
     def begin(self, resume: bool) -> None:
@@ -272,15 +285,12 @@ class Checkpointer:
                                   "rerun without --resume to start over")
         for name, obj in self.stateful.items():
             obj.load_state_dict(state["state_dict"][name])
-        _set_rng(state["rng"])
-        self.generator.set_state(state["rng"]["loader"])
         return state["epoch"], json.loads(state["history"])
 
     def save(self, epoch: int, history: list[dict]) -> None:
         if self.dist.is_main:
             state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-            rng = {**_get_rng(), "loader": self.generator.get_state()}
-            save_checkpoint(self.path, state, self.config, epoch=epoch, history=json.dumps(history), rng=rng)
+            save_checkpoint(self.path, state, self.config, epoch=epoch, history=json.dumps(history))
 
     def discard(self) -> None:
         if self.dist.is_main:
@@ -292,6 +302,7 @@ def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointe
     checkpointer.begin(resume)
     start, history = checkpointer.restore() if resume else (0, [])
     for epoch in range(start, epochs):
+        interrupt.check()
         history.append(run_epoch(epoch))
         checkpointer.save(epoch + 1, history)
     return history
@@ -306,22 +317,3 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             keys.append(f"{prefix}{key}")
     return keys
-
-
-def _get_rng() -> dict:
-    """RNG states as tensors and plain numbers, so they load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, next_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
-            "python": {"version": version, "state": list(mt), "gauss": next_gauss}}
-
-
-def _set_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((rng["python"]["version"], tuple(rng["python"]["state"]), rng["python"]["gauss"]))

@@ -34,12 +34,12 @@ def small_params(data_cfg, tmp_path) -> Params:
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(data_cfg, tmp_path_factory):
-    """A resnet8 teacher trained for 2 epochs on the 600 real samples."""
+    """A resnet8 teacher trained for 3 epochs on the 600 real samples."""
     from logitcache.teacher import train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     params = validate({"data": data_cfg.model_dump(),
-                       "teacher": {"model": "resnet8", "epochs": 2, "batch_size": 32, "lr": 0.05, "workers": 0,
+                       "teacher": {"model": "resnet8", "epochs": 3, "batch_size": 32, "lr": 0.05, "workers": 0,
                                    "out": str(out)}})
     train_teacher(params)
     return out / "teacher.pt"

@@ -297,7 +297,7 @@ def run_ranks(work: dict):
 
     def rank_main(rank):
         try:
-            results[rank] = shards.together(ThreadDist(rank, len(work), rank, exchange), work[rank])
+            results[rank] = shards.together(ThreadDist(rank, len(work), rank, exchange=exchange), work[rank])
         except Exception as e:
             results[rank] = e
 

@@ -2,12 +2,15 @@
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
-import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from logitcache.config import validate
@@ -94,3 +97,34 @@ def test_batch_size_that_does_not_split_over_ranks_is_one_line_error(data_cfg, t
     assert result.returncode != 0
     assert "error: batch_size 33 does not split evenly over 2 processes" in result.stderr
     assert not (tmp_path / "teacher" / "teacher.pt").exists()
+
+
+def test_ddp_student_killed_then_resumed_equals_an_uninterrupted_ddp_run_to_the_bit(data_cfg, cache_dir, tmp_path):
+    def params_for(name, **extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"data": data_cfg.model_dump(), "students": {
+            "kd": student_settings(cache_dir, tmp_path / name, epochs=6, batch_size=32, **extra)}}))
+        return path
+
+    reference = torchrun(["train-student", "kd"], params_for("ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "logitcache", "train-student", "kd",
+                            "--params", str(params_for("run"))], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run" / "resume.pt").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "no resume.pt before the job ended"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: agent and both ranks
+    job.wait()
+    assert not (tmp_path / "run" / "student.pt").exists()
+    assert load_checkpoint(tmp_path / "run" / "resume.pt")["epoch"] >= 1  # the rerun continues, not restarts
+
+    resumed = torchrun(["train-student", "kd", "--resume"], params_for("run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ref" / "student.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "run" / "student.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

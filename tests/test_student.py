@@ -23,7 +23,7 @@ def student_params(data_cfg, cache_dir, tmp_path, **student):
 
 
 def test_kd_student_learns_and_evaluate_reproduces_its_accuracy(data_cfg, cache_dir, tmp_path):
-    params = student_params(data_cfg, cache_dir, tmp_path, epochs=3)
+    params = student_params(data_cfg, cache_dir, tmp_path, epochs=6)
     metrics = train_student(params, "s")
     history = json.loads((tmp_path / "student" / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
