@@ -18,15 +18,15 @@ from .cache_reader import Cache
 from .config import Params, StudentConfig, save_config
 from .data import Split, load_split
 from .distill import METHODS, Method, Targets
+from .distributed import Dist
 from .dump import FeatureTaker, load_teacher, pool_feature
 from .errors import LogitcacheError
 from .evaluate import evaluate_model
 from .models import build_model, feature_nodes
 from .student_data import CachedColumn, StudentBatches, ViewBatchSampler
-from .distributed import Dist
 from .train import (RESUME, Checkpointer, autocast, data_parallel, fit, load_checkpoint, make_loader, make_optimizer,
-                    per_rank_batch, place, save_checkpoint, seed_epoch, seed_everything, select_device, to_input, train_epoch,
-                    write_json)
+                    per_rank_batch, place, save_checkpoint, seed_epoch, seed_everything, select_device, to_input,
+                    train_epoch, write_json)
 from .views import ViewRenderer, ViewSpec, normalizer
 
 
@@ -92,7 +92,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     distilling = cfg.mode != "ce"
     meta = _open_caches(cfg, train) if distilling else None
     labeled = labeled_mask(cfg, len(train))
-    if cfg.test_cache:  # checked now, not after training
+    if cfg.test_cache and Path(cfg.test_cache).exists():  # as evaluate_model uses it, but checked before training
         with Cache(cfg.test_cache) as cache:
             cache.check_matches(load_split(params.data, "test"))
     rows = np.arange(len(train)) if distilling else np.flatnonzero(labeled)
