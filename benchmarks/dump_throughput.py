@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from logitcache.config import DataConfig, validate
-from logitcache.data import load_split, prepare_data
-from logitcache.dump import ViewDataset, dump_teacher, load_teacher
-from logitcache.train import select_device
-from logitcache.views import ViewRenderer, ViewSpec, normalizer, view_params
+from logitcache.core.config import DataConfig, validate
+from logitcache.core.data import load_split, prepare_data
+from logitcache.core.features import load_teacher
+from logitcache.core.training import select_device
+from logitcache.core.views import ViewRenderer, ViewSpec, normalizer, view_params
+from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
 def bare_inference(params, teacher, n: int) -> float:

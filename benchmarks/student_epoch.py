@@ -14,8 +14,8 @@ import argparse
 import statistics
 import tempfile
 
-from logitcache.config import validate
-from logitcache.student import train_student
+from logitcache.core.config import validate
+from logitcache.student.train import train_student
 
 
 def run(data_root, student: dict, out: str) -> dict:

@@ -1,3 +1,3 @@
-from .cli import main
+from logitcache.cli import main
 
 main()

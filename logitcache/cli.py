@@ -12,14 +12,14 @@ from pathlib import Path
 
 import click
 
-from .errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 
 class Group(click.Group):
     """Turns LogitcacheError into one line on stderr and exit code 2 (traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
-        from . import interrupt
+        from logitcache.core import interrupt
 
         interrupt.install()
         try:
@@ -65,7 +65,7 @@ def params_options(flags: dict[str, str]):
                       help="Override one params key, e.g. -S teacher.epochs=3 (repeatable).")
         @functools.wraps(fn)
         def wrapper(params_path, overrides, **kwargs):
-            from .config import load_params
+            from logitcache.core.config import load_params
 
             shortcuts = [f"{flags[name]}={value}" for name, value in kwargs.items()
                          if name in flags and value is not None]
@@ -90,7 +90,7 @@ def prepare_data_cmd(params) -> None:
       logitcache prepare-data                      # Fashion-MNIST from Debian's package
       logitcache prepare-data --dataset cifar10 --source ~/data/cifar10
     """
-    from .data import dataset_dir, prepare_data
+    from logitcache.core.data import dataset_dir, prepare_data
 
     meta = prepare_data(params.data)
     for split, info in meta["splits"].items():
@@ -113,8 +113,8 @@ def train_teacher_cmd(params, resume) -> None:
       logitcache train-teacher -S teacher.lr=0.05 -S teacher.schedule=cosine
       logitcache train-teacher --resume            # after a kill or Ctrl-C
     """
-    from .distributed import session
-    from .teacher import train_teacher
+    from logitcache.core.distributed import session
+    from logitcache.teacher.train import train_teacher
 
     with session(params.teacher.device) as dist:
         metrics = train_teacher(params, resume=resume, dist=dist)
@@ -140,8 +140,8 @@ def dump_teacher_cmd(params, overwrite) -> None:
       logitcache dump-teacher --views all --topk 5 --out data/cache_top5
       torchrun --nproc-per-node 4 -m logitcache dump-teacher    # one shard per process
     """
-    from .distributed import session
-    from .dump import dump_teacher
+    from logitcache.core.distributed import session
+    from logitcache.teacher.dump import dump_teacher
 
     if overwrite:
         params = params.model_copy(update={"dump": params.dump.model_copy(update={"overwrite": True})})
@@ -170,7 +170,8 @@ def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> 
     """
     import json
 
-    from .inspect_cache import describe, verify as verify_cache
+    from logitcache.cache.inspect import describe
+    from logitcache.cache.inspect import verify as verify_cache
 
     info = describe(cache)
     if verify:
@@ -216,8 +217,8 @@ def train_student_cmd(params, name, mode, online, resume) -> None:
       logitcache train-student --mode ce -S students.default.labeled_fraction=0.1
       torchrun --nproc-per-node 2 -m logitcache train-student kd     # DDP
     """
-    from .distributed import session
-    from .student import train_student
+    from logitcache.core.distributed import session
+    from logitcache.student.train import train_student
 
     updates = {k: v for k, v in {"mode": mode, "online": online}.items() if v is not None}
     if updates:
@@ -244,7 +245,7 @@ def evaluate_cmd(checkpoint, device, test_cache) -> None:
     """
     import json
 
-    from .evaluate import evaluate_checkpoint
+    from logitcache.student.evaluate import evaluate_checkpoint
 
     click.echo(json.dumps(evaluate_checkpoint(checkpoint, device, test_cache), indent=2, sort_keys=True))
 
@@ -259,7 +260,7 @@ def summarize_cmd(params, out) -> None:
     Example:
       logitcache summarize && cat data/summary/summary.md
     """
-    from .summary import summarize
+    from logitcache.summary import summarize
 
     summarize(params, out)
     click.echo((Path(out) / "summary.md").read_text(), nl=False)
@@ -273,7 +274,7 @@ def models_cmd() -> None:
     Example:
       logitcache models | grep resnet
     """
-    from .models import list_models
+    from logitcache.core.models import list_models
 
     click.echo("\n".join(list_models()))
 
@@ -289,7 +290,7 @@ def layers_cmd(model: str, channels: int, classes: int) -> None:
     Example:
       logitcache layers resnet20
     """
-    from .models import UnknownModelError, build_model, feature_nodes
+    from logitcache.core.models import UnknownModelError, build_model, feature_nodes
 
     try:
         net = build_model(model, channels, classes)

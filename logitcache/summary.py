@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Params
-from .errors import LogitcacheError
-from .train import write_json
+from logitcache.core.config import Params
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import write_json
 
 COLUMNS = ("test_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "seconds_per_epoch")
 

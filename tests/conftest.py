@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from logitcache.config import DataConfig, Params, validate
-from logitcache.data import DATASETS, prepare_data
+from logitcache.core.config import DataConfig, Params, validate
+from logitcache.core.data import DATASETS, prepare_data
 
 FMNIST = Path(DATASETS["fashion_mnist"].default_source)
 
@@ -35,7 +35,7 @@ def small_params(data_cfg, tmp_path) -> Params:
 @pytest.fixture(scope="session")
 def teacher_ckpt(data_cfg, tmp_path_factory):
     """A resnet8 teacher trained for 3 epochs on the 600 real samples."""
-    from logitcache.teacher import train_teacher
+    from logitcache.teacher.train import train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     params = validate({"data": data_cfg.model_dump(),
@@ -48,7 +48,7 @@ def teacher_ckpt(data_cfg, tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache_dir(data_cfg, teacher_ckpt, tmp_path_factory):
     """train.h5 (3 views, layer2 pooled to 2x2) and test.h5 from the session teacher."""
-    from logitcache.dump import dump_teacher
+    from logitcache.teacher.dump import dump_teacher
 
     out = tmp_path_factory.mktemp("cache")
     dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {

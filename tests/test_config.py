@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from logitcache.config import Params, load_params
-from logitcache.errors import LogitcacheError
+from logitcache.core.config import Params, load_params
+from logitcache.core.errors import LogitcacheError
 
 
 def test_defaults_without_params_file(tmp_path, monkeypatch):

@@ -5,11 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitcache.config import DataConfig
-from logitcache.data import fingerprint, load_split, prepare_data
-from logitcache.errors import LogitcacheError
-
-from logitcache.data import DATASETS
+from logitcache.core.config import DataConfig
+from logitcache.core.data import DATASETS, fingerprint, load_split, prepare_data
+from logitcache.core.errors import LogitcacheError
 
 FMNIST = Path(DATASETS["fashion_mnist"].default_source)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from logitcache.distill import Adapter
+from logitcache.student.methods import Adapter
 
 
 @pytest.mark.parametrize("student, teacher", [

@@ -16,14 +16,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from logitcache import shards
-from logitcache.cache_format import set_attr
-from logitcache.cache_writer import CacheWriter, _committed_rows_read
+from logitcache.cache.format import set_attr
 from logitcache.cli import main
-from logitcache.config import validate
-from logitcache.distributed import Dist
-from logitcache.dump import dump_shard, dump_teacher, load_teacher, merge_shards, prepare_split
-from logitcache.errors import LogitcacheError
+from logitcache.core.config import validate
+from logitcache.core.distributed import Dist
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.features import load_teacher
+from logitcache.teacher import shards
+from logitcache.teacher.dump import dump_shard, dump_teacher, merge_shards, prepare_split
+from logitcache.teacher.writer import CacheWriter, _committed_rows_read
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -213,7 +214,7 @@ def test_merge_refuses_a_missing_incomplete_or_foreign_shard_naming_it(data_cfg,
 
     with refused("missing"):
         merge_shards(job, plan)
-    import logitcache.dump as dump_module
+    import logitcache.teacher.dump as dump_module
 
     original, calls = dump_module._rows, []
 
@@ -256,7 +257,7 @@ def test_unreadable_partial_is_an_error_and_is_kept(tmp_path, monkeypatch):
             raise PermissionError(13, f"Unable to synchronously open file (errno = 13, 'Permission denied') {path}")
         return real(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr("logitcache.cache_writer.h5py.File", denied)
+    monkeypatch.setattr("logitcache.teacher.writer.h5py.File", denied)
     with pytest.raises(LogitcacheError, match=f"^{re.escape(str(partial))} cannot be opened for writing "
                                               r"\(permission denied\); fix its permissions"):
         CacheWriter(tmp_path / "c.h5", 10, arrays, "key", "none", False)

@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from logitcache.config import validate
-from logitcache.distributed import Dist
-from logitcache.student import train_student
-from logitcache.student_data import ViewBatchSampler
-from logitcache.train import load_checkpoint
+from logitcache.core.config import validate
+from logitcache.core.distributed import Dist
+from logitcache.core.io import load_checkpoint
+from logitcache.student.batches import ViewBatchSampler
+from logitcache.student.train import train_student
 
 TORCHRUN = shutil.which("torchrun")
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")

@@ -9,14 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from logitcache.cache_format import open_cache
-from logitcache.cache_reader import Cache
+from logitcache.cache.format import open_cache
+from logitcache.cache.reader import Cache
 from logitcache.cli import main
-from logitcache.config import validate
-from logitcache.data import load_split
-from logitcache.dump import FeatureTaker, dump_teacher, load_teacher
-from logitcache.errors import LogitcacheError
-from logitcache.views import ViewRenderer, ViewSpec, normalizer
+from logitcache.core.config import validate
+from logitcache.core.data import load_split
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.features import FeatureTaker, load_teacher
+from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
+from logitcache.teacher.dump import dump_teacher
 
 
 def dump_params(data_cfg, teacher_ckpt, out, **dump):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.losses import hint_loss, kd_loss, masked_ce, scheduled
+from logitcache.student.losses import hint_loss, kd_loss, masked_ce, scheduled
 
 
 def _softmax64(x, t):

@@ -8,7 +8,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock
 
-from logitcache.models import UnknownModelError, build_model, feature_nodes, list_models
+from logitcache.core.models import UnknownModelError, build_model, feature_nodes, list_models
 
 SMALL = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",

@@ -36,6 +36,7 @@ def shrink(params: dict) -> dict:
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copy(ROOT / ".dvcignore", repo)
     shutil.copytree(ROOT / "logitcache", repo / "logitcache", ignore=shutil.ignore_patterns("__pycache__"))
     params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -48,6 +49,7 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_repro_builds_every_stage_with_metrics_and_summary(repo):
     summary = json.loads((repo / "data/summary/metrics.json").read_text())
     assert set(summary) == {"teacher", "ce", "kd"}
@@ -59,6 +61,29 @@ def test_repro_builds_every_stage_with_metrics_and_summary(repo):
     assert "confusion.json" in run(repo, "plots", "show", "--json")
 
 
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(repo, "status", "--json").strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(("edited", "expected"), [
+    ("logitcache/student/train.py", {"train_student@ce", "train_student@kd"}),
+    ("logitcache/core/models.py", {"prepare_data", "train_teacher", "dump_teacher", "train_student@ce",
+                                   "train_student@kd", "summary"}),
+])
+@pytest.mark.slow
+def test_editing_code_marks_the_stages_that_run_it(repo, edited, expected):
+    assert changed_stages(repo) == set()
+    path = repo / edited
+    original = path.read_text()
+    path.write_text(original + "\n# edited\n")
+    try:
+        assert changed_stages(repo) == expected
+    finally:
+        path.write_text(original)
+    assert changed_stages(repo) == set()
+
+
+@pytest.mark.slow
 def test_changing_one_student_reruns_it_and_the_summary_only(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["students"]["kd"]["temperature"] = 8.0
@@ -73,12 +98,14 @@ def test_changing_one_student_reruns_it_and_the_summary_only(repo):
     run(repo, "git", "commit", "-qm", "kd at T=8")
 
 
+@pytest.mark.slow
 def test_exp_run_with_set_param(repo):
     run(repo, "exp", "run", "-S", "students.kd.alpha=0.5")
     shown = run(repo, "exp", "show", "--json")
     assert '"alpha": 0.5' in shown and "data/students/kd/metrics.json" in shown
 
 
+@pytest.mark.slow
 def test_cache_shared_through_a_local_remote(repo, tmp_path):
     run(repo, "remote", "add", "-d", "team", str(tmp_path / "remote"))
     run(repo, "push", "dump_teacher")

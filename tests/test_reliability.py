@@ -26,17 +26,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from logitcache import dump
-from logitcache.cache_reader import Cache
+from logitcache.cache.reader import Cache
 from logitcache.cli import main
-from logitcache.config import validate
-from logitcache.data import IndexedDataset, fingerprint, load_split
-from logitcache.dump import dump_teacher
-from logitcache.errors import LogitcacheError
-from logitcache.models import build_model
-from logitcache.student import train_student
-from logitcache.train import make_loader, save_checkpoint
-from logitcache.views import ViewSpec
+from logitcache.core.config import validate
+from logitcache.core.data import IndexedDataset, fingerprint, load_split
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import save_checkpoint
+from logitcache.core.models import build_model
+from logitcache.core.training import make_loader
+from logitcache.core.views import ViewSpec
+from logitcache.student.train import train_student
+from logitcache.teacher import dump
+from logitcache.teacher.dump import dump_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ def _flip_bytes(path: Path, dataset: str, row: int) -> None:
 
 def test_flipped_bytes_in_a_logits_chunk_fail_their_checksum_everywhere(data_cfg, teacher_ckpt, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr("logitcache.cache_writer.CHUNK_BYTES", 6000)  # 100 rows of logits per chunk
+    monkeypatch.setattr("logitcache.teacher.writer.CHUNK_BYTES", 6000)  # 100 rows of logits per chunk
     [path] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "cache", layers=[]))
     with h5py.File(path, "r") as f:
         assert f["logits"].chunks[0] == 100 and f["logits"].fletcher32

@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from logitcache.config import validate
-from logitcache.errors import LogitcacheError
-from logitcache.student import train_student
-from logitcache.student_data import CachedColumn
-from logitcache.teacher import train_teacher
-from logitcache.train import RESUME, load_checkpoint
+from logitcache.core.config import validate
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import load_checkpoint
+from logitcache.core.training import RESUME
+from logitcache.student.batches import CachedColumn
+from logitcache.student.train import train_student
+from logitcache.teacher.train import train_teacher
 
 
 def teacher_settings(tmp_path, epochs=4):

@@ -7,12 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.cli import main
-from logitcache.config import validate
-from logitcache.data import load_split
-from logitcache.dump import ViewDataset, dump_teacher
-from logitcache.errors import LogitcacheError
-from logitcache.student import _batches, _open_caches, labeled_mask, train_student
-from logitcache.views import ViewRenderer, ViewSpec
+from logitcache.core.config import validate
+from logitcache.core.data import load_split
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.views import ViewRenderer, ViewSpec
+from logitcache.student.train import _batches, _open_caches, labeled_mask, train_student
+from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
 def student_params(data_cfg, cache_dir, tmp_path, **student):
@@ -75,7 +75,7 @@ def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cac
 
 
 def test_round_robin_cycles_views_and_random_varies(data_cfg, cache_dir, tmp_path):
-    from logitcache.student_data import ViewBatchSampler
+    from logitcache.student.batches import ViewBatchSampler
 
     rr = ViewBatchSampler(np.arange(10), 3, 4, "round_robin", 0)
     seen = []
@@ -145,7 +145,7 @@ def test_cache_of_another_split_or_data_is_refused(data_cfg, cache_dir, tmp_path
     with pytest.raises(LogitcacheError, match="cache was made from split 'test', the training data has split 'train'"):
         train_student(student_params(data_cfg, cache_dir, tmp_path, caches=[str(cache_dir / "test.h5")]), "s")
     other = data_cfg.model_copy(update={"root": str(tmp_path / "other"), "train_limit": 500})
-    from logitcache.data import prepare_data
+    from logitcache.core.data import prepare_data
     prepare_data(other)
     params = validate({"data": other.model_dump(), "students": {"s": {
         "caches": [str(cache_dir / "train.h5")], "out": str(tmp_path / "s"), "workers": 0}}})
@@ -169,7 +169,7 @@ def test_random_augmentation_on_a_cache_is_refused_unless_forced(data_cfg, teach
 def test_over_budget_columns_read_from_disk_equal_in_memory(cache_dir):
     import pickle
 
-    from logitcache.student_data import CachedColumn
+    from logitcache.student.batches import CachedColumn
 
     for name in ("logits", "features/layer2"):
         ram = CachedColumn(cache_dir / "train.h5", name, budget_bytes=1e12)

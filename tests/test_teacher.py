@@ -2,9 +2,9 @@ import json
 
 import torch
 
-from logitcache.models import build_model
-from logitcache.teacher import train_teacher
-from logitcache.train import load_checkpoint
+from logitcache.core.io import load_checkpoint
+from logitcache.core.models import build_model
+from logitcache.teacher.train import train_teacher
 
 
 def test_short_teacher_training_learns_and_writes_a_safe_checkpoint(small_params):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.config import AugmentConfig
-from logitcache.errors import LogitcacheError
-from logitcache.views import EVAL_SEED, ViewRenderer, ViewSpec, eval_view, view_params
+from logitcache.core.config import AugmentConfig
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.views import EVAL_SEED, ViewRenderer, ViewSpec, eval_view, view_params
 
 SPEC = ViewSpec(padding=2, flip=True)
 
@@ -62,7 +62,7 @@ def test_policy_views_replay_bit_identically_and_leave_global_rng_alone():
 
 
 def test_batch_rendering_equals_per_image_rendering_bit_for_bit():
-    from logitcache.views import render_batch
+    from logitcache.core.views import render_batch
 
     images = torch.randint(0, 256, (40, 3, 9, 7), dtype=torch.uint8)
     for spec in (ViewSpec(2, True), ViewSpec(0, True), ViewSpec(3, False),

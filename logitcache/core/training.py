@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import interrupt
-from .config import TrainConfig
-from .distributed import Dist
-from .errors import LogitcacheError
+from logitcache.core import interrupt
+from logitcache.core.config import TrainConfig
+from logitcache.core.distributed import Dist
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import load_checkpoint, save_checkpoint
 
 
 def select_device(name: str, dist: Dist = Dist.single()) -> torch.device:
@@ -177,74 +176,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
     return hits.float().mean().item()
-
-
-def save_checkpoint(path: str | Path, state_dict: dict, config: dict, **extra) -> None:
-    """state_dict + config as JSON text: loadable with torch.load(weights_only=True). Written atomically."""
-    with _atomic(path) as tmp:
-        torch.save({"state_dict": state_dict, "config": json.dumps(config, sort_keys=True), **extra}, tmp)
-
-
-@contextlib.contextmanager
-def _atomic(path: str | Path):
-    """Write to a temporary name, then rename: a kill or an error never leaves a half-written file under `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LogitcacheError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a pickle carrying code, or a damaged file
-        raise LogitcacheError(f"checkpoint {path} {_load_failure(e)}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise LogitcacheError(f"checkpoint {path} is not a logitcache checkpoint (no state_dict/config)")
-    ckpt["config"] = json.loads(ckpt["config"])
-    return ckpt
-
-
-def _load_failure(error: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, without torch's advice to turn the safety off."""
-    text = str(error)
-    found = re.search(r"GLOBAL (\S+)", text)
-    if found:
-        return (f"holds objects other than tensors and plain data ({found.group(1)}); it was refused without running "
-                "any of it: use only checkpoints written by logitcache")
-    detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "weights_only" not in line
-                   and "Weights only" not in line), text.splitlines()[0] if text else type(error).__name__)
-    return f"cannot be read ({detail}); it is damaged or not a torch checkpoint: retrain or copy it again"
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """The model a logitcache checkpoint describes, with its weights, and the checkpoint itself."""
-    from .models import build_model
-
-    ckpt = load_checkpoint(path)
-    info = ckpt.get("model_info")
-    if not isinstance(info, dict):
-        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
-    model = build_model(info["model"], info["in_channels"], info["num_classes"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
-        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']} ({detail}); it is damaged or was "
-                              "saved for another architecture: retrain it") from None
-    return model, ckpt
-
-
-def write_json(path: str | Path, data) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 RESUME = "resume.pt"

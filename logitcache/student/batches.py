@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .cache_reader import Cache
-from .data import Split
-from .distributed import Dist
-from .views import ViewRenderer, render_batch
+from logitcache.cache.reader import Cache
+from logitcache.core.data import Split
+from logitcache.core.distributed import Dist
+from logitcache.core.views import ViewRenderer, render_batch
 
 
 class ViewBatchSampler(Sampler):

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache_reader import Cache
-from .config import DataConfig, validate
-from .data import IndexedDataset, Split, load_split
-from .errors import LogitcacheError
-from .train import load_model, make_loader, place, predict, select_device, topk_accuracy, write_json
-from .views import normalizer
+from logitcache.cache.reader import Cache
+from logitcache.core.config import DataConfig, validate
+from logitcache.core.data import IndexedDataset, Split, load_split
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import load_model, write_confusion
+from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
+from logitcache.core.views import normalizer
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
@@ -53,12 +54,6 @@ def _check_fits(info: dict, test: Split) -> None:
         raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
                               f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
                               f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")
-
-
-def write_confusion(path: Path, labels: torch.Tensor, predicted: torch.Tensor) -> None:
-    """One {actual, predicted} row per test sample: DVC's confusion-matrix plot template reads it."""
-    rows = [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels.tolist(), predicted.tolist())]
-    write_json(path, rows)
 
 
 @torch.inference_mode()

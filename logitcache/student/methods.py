@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import hint_loss, kd_loss, masked_ce, scheduled
+from logitcache.student.losses import hint_loss, kd_loss, masked_ce, scheduled
 
 
 class Adapter(nn.Module):

@@ -23,10 +23,10 @@ from typing import TypeVar
 
 import h5py
 
-from .cache_format import get_attr, read_rows
-from .cache_writer import CacheWriter
-from .distributed import Dist
-from .errors import LogitcacheError
+from logitcache.cache.format import get_attr, read_rows
+from logitcache.core.distributed import Dist
+from logitcache.core.errors import LogitcacheError
+from logitcache.teacher.writer import CacheWriter
 
 T = TypeVar("T")
 Beat = Callable[[], None]  # called by a rank after each unit of its work (see Heartbeat)

@@ -17,8 +17,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .config import AugmentConfig
-from .errors import LogitcacheError
+from logitcache.core.config import AugmentConfig
+from logitcache.core.errors import LogitcacheError
 
 PARAM_FIELDS = ("seed", "top", "left", "flip")
 EVAL_SEED = -1

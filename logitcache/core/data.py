@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import DataConfig
-from .errors import LogitcacheError
+from logitcache.core.config import DataConfig
+from logitcache.core.errors import LogitcacheError
 
 SPLITS = ("train", "test")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import h5py
 
-from . import __version__
-from .errors import LogitcacheError
+from logitcache import __version__
+from logitcache.core.errors import LogitcacheError
 
 FORMAT_NAME = "logitcache"
 SCHEMA_VERSION = 1

@@ -14,20 +14,34 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from .cache_reader import Cache
-from .config import Params, StudentConfig, save_config
-from .data import Split, load_split
-from .distill import METHODS, Method, Targets
-from .distributed import Dist
-from .dump import FeatureTaker, load_teacher, pool_feature
-from .errors import LogitcacheError
-from .evaluate import evaluate_model
-from .models import build_model, feature_nodes
-from .student_data import CachedColumn, StudentBatches, ViewBatchSampler
-from .train import (RESUME, Checkpointer, autocast, data_parallel, fit, load_checkpoint, make_loader, make_optimizer,
-                    per_rank_batch, place, save_checkpoint, seed_epoch, seed_everything, select_device, to_input,
-                    train_epoch, write_json)
-from .views import ViewRenderer, ViewSpec, normalizer
+from logitcache.cache.reader import Cache
+from logitcache.core.config import Params, StudentConfig, save_config
+from logitcache.core.data import Split, load_split
+from logitcache.core.distributed import Dist
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.features import FeatureTaker, load_teacher, pool_feature
+from logitcache.core.io import load_checkpoint, save_checkpoint, write_json
+from logitcache.core.models import build_model, feature_nodes
+from logitcache.core.training import (
+    RESUME,
+    Checkpointer,
+    autocast,
+    data_parallel,
+    fit,
+    make_loader,
+    make_optimizer,
+    per_rank_batch,
+    place,
+    seed_epoch,
+    seed_everything,
+    select_device,
+    to_input,
+    train_epoch,
+)
+from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
+from logitcache.student.batches import CachedColumn, StudentBatches, ViewBatchSampler
+from logitcache.student.evaluate import evaluate_model
+from logitcache.student.methods import METHODS, Method, Targets
 
 
 def train_student(params: Params, name: str = "default", *, resume: bool = False, dist: Dist = Dist.single()) -> dict:

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import torch
 
-from .cache_format import open_cache, read_rows
-from .data import Split
-from .errors import LogitcacheError
+from logitcache.cache.format import open_cache, read_rows
+from logitcache.core.data import Split
+from logitcache.core.errors import LogitcacheError
 
 
 def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -10,71 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm.auto import tqdm
 
-from . import __version__, interrupt, shards
-from .cache_format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
-from .cache_writer import BackgroundWriter, CacheWriter, refuse_existing
-from .config import DumpConfig, Params
-from .data import Split, load_split
-from .distributed import Dist
-from .errors import LogitcacheError
-from .models import feature_nodes
-from .train import load_model, place, to_input
-from .views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
-
-
-@dataclass
-class Teacher:
-    model: nn.Module
-    info: dict
-    sha256: str
-
-    def identity(self) -> dict:
-        return {"model": self.info["model"], "checkpoint_sha256": self.sha256,
-                "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"],
-                "params": sum(p.numel() for p in self.model.parameters())}
-
-
-def load_teacher(path: str | Path) -> Teacher:
-    """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256."""
-    model, ckpt = load_model(path)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return Teacher(model.eval(), ckpt["model_info"], digest)
-
-
-class FeatureTaker(nn.Module):
-    """The teacher as {'logits': ..., <layer>: ...} through torchvision's feature_extraction."""
-
-    def __init__(self, model: nn.Module, layers: list[str]):
-        super().__init__()
-        nodes = feature_nodes(model)
-        unknown = [name for name in layers if name not in nodes]
-        if unknown:
-            raise LogitcacheError(f"unknown layer(s) {', '.join(unknown)}; valid names: {', '.join(nodes)}")
-        self.layers = list(layers)
-        self.net = create_feature_extractor(model, return_nodes={**{n: n for n in layers}, nodes[-1]: "logits"})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(x)
-
-
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Mish, nn.Sigmoid, nn.Tanh)
-ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "gelu", "silu", "hardswish", "leaky_relu", "mish", "sigmoid", "tanh"}
-
-
-def activation_side(extractor: torch.fx.GraphModule, name: str) -> str:
-    """'after' or 'before' the activation: read off the traced op that produces the returned node."""
-    output = next(node for node in extractor.graph.nodes if node.op == "output")
-    node = output.args[0][name]
-    if node.op == "call_module":
-        return "after" if isinstance(extractor.get_submodule(node.target), ACTIVATIONS) else "before"
-    target = getattr(node.target, "__name__", str(node.target))
-    return "after" if target in ACTIVATION_FUNCTIONS else "before"
+from logitcache import __version__
+from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
+from logitcache.core import interrupt
+from logitcache.core.config import DumpConfig, Params
+from logitcache.core.data import Split, load_split
+from logitcache.core.distributed import Dist
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, pool_feature
+from logitcache.core.training import place, to_input
+from logitcache.core.views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
+from logitcache.teacher import shards
+from logitcache.teacher.writer import BackgroundWriter, CacheWriter, refuse_existing
 
 
 class ViewDataset(Dataset):
@@ -250,13 +200,6 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
 def _probe_shapes(taker: FeatureTaker, split: Split, prepare, device, pool: int) -> dict[str, tuple[int, ...]]:
     out = taker(prepare(split.images[:2].to(device)))
     return {name: tuple(pool_feature(t, pool).shape[1:]) for name, t in out.items()}
-
-
-def pool_feature(t: torch.Tensor, pool: int) -> torch.Tensor:
-    """Bound a feature map's size: adaptive-average-pool to pool x pool when larger (0 keeps it whole)."""
-    if pool and t.dim() == 4 and (t.shape[2] > pool or t.shape[3] > pool):
-        return F.adaptive_avg_pool2d(t, pool)
-    return t
 
 
 def _layout(cfg: DumpConfig, shapes: dict, v: int) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .cache_format import set_attr
-from .errors import LogitcacheError
+from logitcache.cache.format import set_attr
+from logitcache.core.errors import LogitcacheError
 
 CHUNK_BYTES = 512 * 1024
 RESERVE_BYTES = 1 << 20  # disk space held back so that a full disk still lets HDF5 close the partial cleanly

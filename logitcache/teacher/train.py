@@ -8,15 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from .config import Params, save_config
-from .data import IndexedDataset, load_split
-from .evaluate import write_confusion
-from .models import build_model
-from .distributed import Dist
-from .train import (Checkpointer, autocast, data_parallel, fit, make_loader, make_optimizer, per_rank_batch, place,
-                    predict, save_checkpoint, seed_epoch, seed_everything, select_device, to_input, topk_accuracy,
-                    train_epoch, write_json)
-from .views import ViewSpec, normalizer
+from logitcache.core.config import Params, save_config
+from logitcache.core.data import IndexedDataset, load_split
+from logitcache.core.distributed import Dist
+from logitcache.core.io import save_checkpoint, write_confusion, write_json
+from logitcache.core.models import build_model
+from logitcache.core.training import (
+    Checkpointer,
+    autocast,
+    data_parallel,
+    fit,
+    make_loader,
+    make_optimizer,
+    per_rank_batch,
+    place,
+    predict,
+    seed_epoch,
+    seed_everything,
+    select_device,
+    to_input,
+    topk_accuracy,
+    train_epoch,
+)
+from logitcache.core.views import ViewSpec, normalizer
 
 CHECKPOINT = "teacher.pt"
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 DEFAULT_PARAMS = "params.yaml"
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"]
@@ -26,7 +26,7 @@ class Section(BaseModel):
 def _known_model(name: str) -> str:
     import difflib
 
-    from .models import list_models
+    from logitcache.core.models import list_models
 
     names = list_models()
     if name not in names:

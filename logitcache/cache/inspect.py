@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache_format import open_h5, read_metadata
-from .cache_reader import Cache
-from .config import DataConfig
-from .data import load_split
-from .dump import FeatureTaker, load_teacher, pool_feature
-from .errors import LogitcacheError
-from .views import ViewRenderer, ViewSpec, normalizer
+from logitcache.cache.format import open_h5, read_metadata
+from logitcache.cache.reader import Cache
+from logitcache.core.config import DataConfig
+from logitcache.core.data import load_split
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.features import FeatureTaker, load_teacher, pool_feature
+from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
 
 
 def describe(path: str | Path) -> dict:

@@ -19,7 +19,7 @@ from torchvision.models import regnet
 from torchvision.models.feature_extraction import get_graph_node_names
 from torchvision.models.resnet import BasicBlock
 
-from .errors import LogitcacheError
+from logitcache.core.errors import LogitcacheError
 
 _Builder = Callable[[int, int], nn.Module]
 

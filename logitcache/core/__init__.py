@@ -1,0 +1,1 @@
+"""Shared core: configuration, data, models, views, features, training machinery and file I/O."""

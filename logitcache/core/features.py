@@ -1,0 +1,76 @@
+"""Taking a teacher's outputs: its checkpoint, its logits and named intermediate features.
+
+Phase one writes what these functions compute; phase two's --online reference and
+`inspect --verify` recompute it, so the three can never disagree on what a layer means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import load_model
+from logitcache.core.models import feature_nodes
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    info: dict
+    sha256: str
+
+    def identity(self) -> dict:
+        return {"model": self.info["model"], "checkpoint_sha256": self.sha256,
+                "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"],
+                "params": sum(p.numel() for p in self.model.parameters())}
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256."""
+    model, ckpt = load_model(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return Teacher(model.eval(), ckpt["model_info"], digest)
+
+
+class FeatureTaker(nn.Module):
+    """The teacher as {'logits': ..., <layer>: ...} through torchvision's feature_extraction."""
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        super().__init__()
+        nodes = feature_nodes(model)
+        unknown = [name for name in layers if name not in nodes]
+        if unknown:
+            raise LogitcacheError(f"unknown layer(s) {', '.join(unknown)}; valid names: {', '.join(nodes)}")
+        self.layers = list(layers)
+        self.net = create_feature_extractor(model, return_nodes={**{n: n for n in layers}, nodes[-1]: "logits"})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x)
+
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Mish, nn.Sigmoid, nn.Tanh)
+ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "gelu", "silu", "hardswish", "leaky_relu", "mish", "sigmoid", "tanh"}
+
+
+def activation_side(extractor: torch.fx.GraphModule, name: str) -> str:
+    """'after' or 'before' the activation: read off the traced op that produces the returned node."""
+    output = next(node for node in extractor.graph.nodes if node.op == "output")
+    node = output.args[0][name]
+    if node.op == "call_module":
+        return "after" if isinstance(extractor.get_submodule(node.target), ACTIVATIONS) else "before"
+    target = getattr(node.target, "__name__", str(node.target))
+    return "after" if target in ACTIVATION_FUNCTIONS else "before"
+
+
+def pool_feature(t: torch.Tensor, pool: int) -> torch.Tensor:
+    """Bound a feature map's size: adaptive-average-pool to pool x pool when larger (0 keeps it whole)."""
+    if pool and t.dim() == 4 and (t.shape[2] > pool or t.shape[3] > pool):
+        return F.adaptive_avg_pool2d(t, pool)
+    return t

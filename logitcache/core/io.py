@@ -1,0 +1,88 @@
+"""Files written whole or not at all, and checkpoints that load without unpickling code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from logitcache.core.errors import LogitcacheError
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, config: dict, **extra) -> None:
+    """state_dict + config as JSON text: loadable with torch.load(weights_only=True). Written atomically."""
+    with atomic_write(path) as tmp:
+        torch.save({"state_dict": state_dict, "config": json.dumps(config, sort_keys=True), **extra}, tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path):
+    """Write to a temporary name, then rename: a kill or an error never leaves a half-written file under `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LogitcacheError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a pickle carrying code, or a damaged file
+        raise LogitcacheError(f"checkpoint {path} {_load_failure(e)}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
+        raise LogitcacheError(f"checkpoint {path} is not a logitcache checkpoint (no state_dict/config)")
+    ckpt["config"] = json.loads(ckpt["config"])
+    return ckpt
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to turn the safety off."""
+    text = str(error)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        return (f"holds objects other than tensors and plain data ({found.group(1)}); it was refused without running "
+                "any of it: use only checkpoints written by logitcache")
+    detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "weights_only" not in line
+                   and "Weights only" not in line), text.splitlines()[0] if text else type(error).__name__)
+    return f"cannot be read ({detail}); it is damaged or not a torch checkpoint: retrain or copy it again"
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """The model a logitcache checkpoint describes, with its weights, and the checkpoint itself."""
+    from logitcache.core.models import build_model
+
+    ckpt = load_checkpoint(path)
+    info = ckpt.get("model_info")
+    if not isinstance(info, dict):
+        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
+    model = build_model(info["model"], info["in_channels"], info["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise LogitcacheError(f"checkpoint {path} does not fit model {info['model']} ({detail}); it is damaged or was "
+                              "saved for another architecture: retrain it") from None
+    return model, ckpt
+
+
+def write_json(path: str | Path, data) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_confusion(path: Path, labels: torch.Tensor, predicted: torch.Tensor) -> None:
+    """One {actual, predicted} row per test sample: DVC's confusion-matrix plot template reads it."""
+    rows = [{"actual": int(a), "predicted": int(p)} for a, p in zip(labels.tolist(), predicted.tolist())]
+    write_json(path, rows)

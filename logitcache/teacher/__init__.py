@@ -1,0 +1,1 @@
+"""Phase one: train the teacher and dump its outputs into the cache."""
