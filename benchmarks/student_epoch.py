@@ -39,12 +39,13 @@ def main() -> None:
     ap.add_argument("--parity-epochs", type=int, default=3)
     args = ap.parse_args()
     base = {"model": args.model, "epochs": args.epochs, "workers": args.workers, "caches": [args.cache],
-            "test_cache": args.test_cache, "teacher": args.teacher, "temperature": 4.0, "alpha": 0.9}
+            "test_cache": args.test_cache, "teacher": args.teacher,
+            "loss": {"kd": {"temperature": 4.0, "weight": 0.9}}, "ce_weight": 0.1}
+    hint = {"pairs": [[args.student_layer, args.teacher_layer]]}
     modes = {
-        "ce (same aug)": {**base, "mode": "ce", "augment": {"crop_padding": 2, "flip": True}},
+        "ce (same aug)": {**base, "loss": {}, "ce_weight": 1.0, "augment": {"crop_padding": 2, "flip": True}},
         "kd (cache)": base,
-        "kd+feature (cache)": {**base, "mode": "kd+feature", "student_layer": args.student_layer,
-                               "teacher_layer": args.teacher_layer},
+        "kd+feature (cache)": {**base, "loss": {**base["loss"], "fitnets": hint}},
         "kd (--online)": {**base, "online": True},
     }
     with tempfile.TemporaryDirectory() as tmp:

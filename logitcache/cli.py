@@ -199,13 +199,38 @@ def _format_summary(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _method_names() -> list[str]:
+    from logitcache.student.methods import methods
+
+    return list(methods())
+
+
+class LazyChoice(click.Choice):
+    """Choices read from the method registry when the command runs, not when the CLI starts."""
+
+    def __init__(self, names):
+        self._names = names
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return self._names()
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
 @main.command("train-student")
 @click.argument("name", default="default")
 @params_options({})
-@click.option("--mode", type=click.Choice(["ce", "kd", "feature", "kd+feature"]), default=None, help="Override the mode.")
+@click.option("--method", "chosen", multiple=True, type=LazyChoice(_method_names),
+              help="Train with these methods (repeatable) instead of the student's loss:, with their settings "
+                   "from loss: when present, else their defaults. `logitcache methods` lists them.")
+@click.option("--ce-only", is_flag=True, help="Train with cross-entropy alone (the baseline; no cache needed).")
 @click.option("--online", is_flag=True, default=None, help="Reference mode: compute targets with the live teacher.")
 @click.option("--resume", is_flag=True, help="Continue each seed's run from its resume.pt; finished seeds are kept.")
-def train_student_cmd(params, name, mode, online, resume) -> None:
+def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
     """Train student NAME (a key of students: in params.yaml) against the teacher cache.
 
     Keys of students.NAME override the student defaults; -S students.NAME.key=value overrides one.
@@ -213,23 +238,51 @@ def train_student_cmd(params, name, mode, online, resume) -> None:
     \b
     Example:
       logitcache train-student kd
-      logitcache train-student kd -S students.kd.temperature=8 -S students.kd.out=data/students/kd_t8
-      logitcache train-student --mode ce -S students.default.labeled_fraction=0.1
+      logitcache train-student kd -S students.kd.loss.kd.temperature=8 -S students.kd.out=data/students/kd_t8
+      logitcache train-student kd --method dkd          # same student, DKD instead of KD
+      logitcache train-student --ce-only -S students.default.labeled_fraction=0.1
       torchrun --nproc-per-node 2 -m logitcache train-student kd     # DDP
     """
     from logitcache.core.distributed import session
     from logitcache.student.train import train_student
 
-    updates = {k: v for k, v in {"mode": mode, "online": online}.items() if v is not None}
+    student = params.student(name)
+    updates = {"online": online} if online is not None else {}
+    if chosen or ce_only:
+        updates["loss"] = {} if ce_only else {m: student.loss.get(m) or {} for m in chosen}
     if updates:
-        student = params.student(name).model_copy(update=updates)
-        params = params.model_copy(update={"students": {**params.students, name: student}})
+        params = params.model_copy(update={"students": {**params.students, name: student.model_copy(update=updates)}})
     with session(params.student(name).device) as dist:
         m = train_student(params, name, resume=resume, dist=dist)
     if not m:
         return
     agreement = "" if m["agreement"] is None else f", agreement {m['agreement']:.4f}"
     click.echo(f"student {name} ({m['mode']}): test accuracy {m['test_acc']:.4f}{agreement} -> {params.student(name).out}")
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print the methods as JSON.")
+def methods_cmd(as_json) -> None:
+    """List every distillation method: its family, what it reads from the cache, and its keys.
+
+    \b
+    Example:
+      logitcache methods
+      logitcache methods --json
+    """
+    import json
+
+    from logitcache.student.methods import describe, methods
+
+    info = [describe(cls) for cls in methods().values()]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for m in info:
+        click.echo(f"{m['name']:<9} {m['family']:<12} {m['description']} ({m['paper']})")
+        click.echo(f"{'':<9} reads: {', '.join(m['reads']) or 'student outputs only'}")
+        for key, spec in m["keys"].items():
+            click.echo(f"{'':<11}{key} = {spec['default']!r}: {spec['description']}")
 
 
 @main.command("evaluate")

@@ -47,7 +47,7 @@ def test_ranks_split_each_global_batch_into_the_single_process_batch(mode, rows,
 
 
 def student_settings(cache_dir, out, **extra):
-    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 64, "lr": 0.05, "workers": 0, "mode": "kd",
+    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 64, "lr": 0.05, "workers": 0,
             "device": "cpu", "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
             "out": str(out), **extra}
 

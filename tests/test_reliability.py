@@ -302,12 +302,15 @@ BAD_ARGS = [
     (["train-teacher", "-S", "teacher.colour=red"], "unknown key 'teacher.colour'"),
     (["train-teacher", "--model", "resnet21"], "unknown model 'resnet21' (did you mean"),
     (["train-teacher", "-S", "teacher.out={file}"], "teacher.out: is a file, not a folder"),
-    (["train-student", "s", "-S", "students.s.temperature=0"], "students.s.temperature: Input should be greater than 0"),
-    (["train-student", "s", "-S", "students.s.temperature=-2"], "students.s.temperature: Input should be greater"),
-    (["train-student", "s", "-S", "students.s.alpha=1.5"], "students.s.alpha: Input should be less than or equal to 1"),
-    (["train-student", "s", "-S", "students.s.alpha=-0.1"], "students.s.alpha: Input should be greater than or equal"),
+    (["train-student", "s", "-S", "students.s.loss.kd.temperature=0"], "students.s.loss.kd.temperature: must be > 0"),
+    (["train-student", "s", "-S", "students.s.loss.kd.temperature={start: 4, end: -1, kind: linear}"],
+     "students.s.loss.kd.temperature: must be > 0 (at every point of its schedule)"),
+    (["train-student", "s", "-S", "students.s.loss.kd.weight=-0.1"], "students.s.loss.kd.weight: must be >= 0"),
+    (["train-student", "s", "-S", "students.s.ce_weight=-1"], "students.s.ce_weight: must be >= 0"),
+    (["train-student", "s", "-S", "students.s.loss.kd.student_layer=block2"],
+     "students.s.loss.kd: unknown key 'student_layer'; kd takes weight, temperature, combine"),
     (["train-student", "s", "-S", "students.s.epochs=-1"], "students.s.epochs: Input should be greater than or equal"),
-    (["train-student", "s", "-S", "students.s.mode=distil"], "students.s.mode: Input should be"),
+    (["train-student", "s", "-S", "students.s.loss={distil: {}}"], "students.s.loss: unknown method 'distil'"),
     (["train-student", "s", "-S", "students.s.model=nosuchnet"], "unknown model 'nosuchnet'"),
     (["train-student", "nobody"], "no student 'nobody' in params"),
     (["train-student", "s", "-S", "students.s.labeled_indices={dir}"], "labeled_indices: is a directory; give a file"),
@@ -319,7 +322,7 @@ BAD_ARGS = [
     (["train-student", "s", "{data}", "-S", "students.s.caches=[{cache}]", "-S", "students.s.out={out}",
       "-S", "students.s.labeled_indices=missing.json"], "labeled_indices file missing.json does not exist"),
     (["train-student", "s", "{data}", "-S", "students.s.caches=[{cache}]", "-S", "students.s.out={out}",
-      "-S", "students.s.mode=feature"], "mode feature needs student_layer and teacher_layer; cached teacher layers: layer2"),
+      "-S", "students.s.loss={fitnets: {pairs: [[block2, layer9]]}}"], "does not store layer9:map (cached: layer2:map)"),
     (["dump-teacher", "--views", "0"], "dump.views: views must be >= 1 or 'all'"),
     (["dump-teacher", "--views", "some"], "dump.views"),
     (["dump-teacher", "--topk", "0"], "dump.topk: Input should be greater than or equal to 1"),
@@ -445,7 +448,7 @@ def _no_file_locking() -> bool:
 def test_two_students_read_one_cache_at_the_same_time(data_cfg, cache_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"data": data_cfg.model_dump(mode="json"), "students": {"s": {
-        "model": "cnn_tiny", "epochs": 1, "mode": "kd", "batch_size": 64, "workers": 0, "feature_budget_mb": 0,
+        "model": "cnn_tiny", "epochs": 1, "batch_size": 64, "workers": 0, "feature_budget_mb": 0,
         "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5")}}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-m", "logitcache", "train-student", "s", "--params", str(params),

@@ -27,7 +27,7 @@ def teacher_settings(tmp_path, epochs=4):
 
 
 def student_settings(cache_dir, tmp_path, **extra):
-    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 32, "lr": 0.05, "workers": 1, "mode": "kd",
+    return {"model": "cnn_tiny", "epochs": 4, "batch_size": 32, "lr": 0.05, "workers": 1,
             "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
             "out": str(tmp_path / "student"), **extra}
 

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from logitcache.cli import main
 from logitcache.core.config import validate
-from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewRenderer, ViewSpec
-from logitcache.student.train import _batches, _open_caches, labeled_mask, train_student
+from logitcache.student.methods import TeacherInput
+from logitcache.student.train import _batches, labeled_mask, plan_run, train_student
 from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
@@ -43,35 +43,41 @@ def test_same_seed_same_student(data_cfg, cache_dir, tmp_path):
     assert a["test_acc"] == b["test_acc"] and a["kl_to_teacher"] == b["kl_to_teacher"]
 
 
-@pytest.mark.parametrize("mode", ["ce", "feature", "kd+feature"])
-def test_other_modes_train(data_cfg, cache_dir, tmp_path, mode):
-    params = student_params(data_cfg, cache_dir, tmp_path, mode=mode, epochs=1, student_layer="block2",
-                            teacher_layer="layer2", feature_loss="cosine")
+HINT = {"pairs": [["block2", "layer2"]], "distance": "cosine"}
+
+
+@pytest.mark.parametrize(("loss", "mode"), [({}, "ce"), ({"fitnets": HINT}, "fitnets"),
+                                            ({"kd": {}, "fitnets": HINT}, "kd+fitnets")])
+def test_other_losses_train(data_cfg, cache_dir, tmp_path, loss, mode):
+    params = student_params(data_cfg, cache_dir, tmp_path, loss=loss, epochs=1)
     metrics = train_student(params, "s")
-    assert metrics["mode"] == mode and 0 <= metrics["test_acc"] <= 1
+    assert metrics["mode"] == mode
     import torch
     ckpt = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
-    assert bool(ckpt["adapters"]) == (mode != "ce")  # adapters kept apart from the student weights
+    assert bool(ckpt["adapters"]) == ("fitnets" in loss)  # adapters kept apart from the student weights
     assert not any(k.startswith("adapter") for k in ckpt["state_dict"])
+    history = json.loads((tmp_path / "student" / "history.json").read_text())
+    assert {f"loss/{m}" for m in ("ce", *({"fitnets": "fitnets.hint"}.get(k, k) for k in loss))} <= history[0].keys()
 
 
 def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cache_dir, tmp_path):
-    params = student_params(data_cfg, cache_dir, tmp_path, mode="kd+feature", student_layer="block2",
-                            teacher_layer="layer2")
+    params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT})
     cfg = params.students["s"]
-    split = load_split(data_cfg, "train")
-    meta = _open_caches(cfg, split)
-    dataset, sampler = _batches(cfg, split, labeled_mask(cfg, len(split)), np.arange(len(split)), meta)
-    dumped = ViewDataset(split, meta["views"], ViewRenderer(ViewSpec(2, True)))
+    plan = plan_run(params, cfg, "s")
+    split = plan.train
+    dataset, sampler = _batches(cfg, plan)
+    dumped = ViewDataset(split, plan.cache["views"], ViewRenderer(ViewSpec(2, True)))
     sampler.set_epoch(1)
     pairs = next(iter(sampler))
-    images, labels, labeled, logits, features = dataset[pairs]
+    images, labels, labeled, rows, logits, features = dataset[pairs]
+    assert rows.tolist() == [row for row, _ in pairs]
     assert len({v for _, v in pairs}) > 1
     with h5py.File(cache_dir / "train.h5") as f:
         for k, (row, view) in enumerate(pairs):
             assert np.array_equal(images[k].numpy(), dumped[row][0][view].numpy())
-            assert np.allclose(logits[0][k].numpy(), f["logits"][row, view].astype(np.float32))
-            assert np.allclose(features["layer2"][k].numpy(), f["features/layer2"][row, view].astype(np.float32))
+            assert np.array_equal(logits[0][k].numpy(), f["logits"][row, view].astype(np.float32))
+            assert np.array_equal(features[TeacherInput("layer2", "map")][k].numpy(),
+                                  f["features/layer2"][row, view].astype(np.float32))
 
 
 def test_round_robin_cycles_views_and_random_varies(data_cfg, cache_dir, tmp_path):
@@ -101,7 +107,7 @@ def test_labeled_fraction_masks_ce_rows(tmp_path):
 
 
 def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_dir, tmp_path):
-    metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, mode="ce", epochs=1,
+    metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, loss={}, epochs=1,
                                            labeled_fraction=0.25), "s")
     assert metrics["labeled"] == 150
 
@@ -114,7 +120,7 @@ def test_several_caches_must_share_views(data_cfg, teacher_ckpt, cache_dir, tmp_
                                                                    str(tmp_path / "other" / "train.h5")])
     with pytest.raises(LogitcacheError, match="other views"):
         train_student(params, "s")
-    same = student_params(data_cfg, cache_dir, tmp_path, epochs=1, combine="kl",
+    same = student_params(data_cfg, cache_dir, tmp_path, epochs=1, loss={"kd": {"combine": "kl"}},
                           caches=[str(cache_dir / "train.h5"), str(cache_dir / "train.h5")])
     assert train_student(same, "s")["test_acc"] > 0
 
@@ -182,8 +188,7 @@ def test_over_budget_columns_read_from_disk_equal_in_memory(cache_dir):
 
 
 def test_workers_read_the_cache_lazily(data_cfg, cache_dir, tmp_path):
-    params = student_params(data_cfg, cache_dir, tmp_path, mode="kd+feature", student_layer="block2",
-                            teacher_layer="layer2", epochs=1, workers=1, feature_budget_mb=0)
+    params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT}, epochs=1, workers=1, feature_budget_mb=0)
     assert train_student(params, "s")["test_acc"] > 0
 
 
@@ -204,7 +209,10 @@ def test_online_reference_matches_cached_run(data_cfg, teacher_ckpt, cache_dir, 
 
 @pytest.mark.parametrize("settings, words", [
     ({"force_augment": True}, "force_augment needs augment"),
-    ({"mode": "feature", "student_layer": "block9", "teacher_layer": "layer2"}, "unknown student_layer 'block9'"),
+    ({"loss": {"fitnets": {"pairs": [["block9", "layer2"]]}}}, "unknown student layer.* 'block9'"),
+    ({"loss": {"fitnets": {"pairs": [["block2", "layer3"]]}}}, "does not store layer3:map"),
+    ({"loss": {"kd": {"student_layer": "block2"}}}, "unknown key 'student_layer'; kd takes weight, temperature, combine"),
+    ({"loss": {"distil": {}}}, "unknown method 'distil'"),
 ])
 def test_bad_student_settings_are_one_line_errors(data_cfg, cache_dir, tmp_path, settings, words):
     with pytest.raises(LogitcacheError, match=words):
@@ -223,3 +231,17 @@ def test_bad_labeled_indices_files_are_refused(tmp_path, content):
 def test_negative_seeds_are_refused():
     with pytest.raises(LogitcacheError, match="seed"):
         validate({"students": {"s": {"seed": -1}}})
+
+
+def test_the_same_weights_whether_the_cache_is_held_in_memory_or_read_from_disk(data_cfg, cache_dir, tmp_path):
+    import torch
+
+    weights = []
+    for budget in (1024, 0):
+        out = tmp_path / f"budget{budget}"
+        params = student_params(data_cfg, cache_dir, out, epochs=1, loss={"kd": {}, "fitnets": HINT},
+                                feature_budget_mb=budget)
+        train_student(params, "s")
+        weights.append(torch.load(out / "student" / "student.pt", weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -26,6 +26,24 @@ ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channe
 FLOAT16_MAX = 65504.0
 
 
+FORM_GROUPS = {"map": "features", "attention": "attention", "embedding": "embedding"}
+
+
+def form_dataset(layer: str, form: str) -> str:
+    """Where a teacher layer's stored form lives in the file, e.g. features/layer2 or attention/layer2."""
+    return f"{FORM_GROUPS[form]}/{layer}"
+
+
+def stored_forms(meta: dict) -> dict[tuple[str, str], tuple[int, ...]]:
+    """(layer, form) -> the shape of one (sample, view), for every layer and form the cache stores."""
+    out = {}
+    for layer in meta["layers"]:
+        forms = layer.get("forms") or {"map": {"shape": layer["shape"]}}
+        for form, info in forms.items():
+            out[(layer["name"], form)] = tuple(info["shape"])
+    return out
+
+
 def set_attr(f: h5py.File, name: str, value) -> None:
     f.attrs[name] = json.dumps(value, sort_keys=True)
 
@@ -80,20 +98,50 @@ def _has(value, keys: list[str]) -> bool:
     return True
 
 
-def open_h5(path: str | Path) -> h5py.File:
-    """Open any HDF5 file read-only, with one-line errors for a missing, locked or unreadable file."""
+class UnreadableFile(LogitcacheError):
+    """HDF5 cannot make sense of the file: truncated, or damaged beyond its checksums."""
+
+
+def open_h5(path: str | Path, mode: str = "r", *, kind: str = "cache",
+            busy: str = "is being written by another process; wait for the dump to finish",
+            remedy: str = "it is truncated or damaged, re-dump it") -> h5py.File:
+    """The one way logitcache opens an HDF5 file: every failure becomes one line naming the file and what to do.
+
+    `kind` names the file for the user, `busy` says what a lock held by another process means,
+    `remedy` what to do about a file HDF5 cannot read (raised as UnreadableFile).
+    """
     path = Path(path)
-    if not path.exists():
-        raise LogitcacheError(f"cache {path} does not exist; run `logitcache dump-teacher` first")
+    named = f"{kind} {path}".lstrip()
+    if mode == "r" and not path.exists():
+        raise LogitcacheError(f"{named} does not exist; run `logitcache dump-teacher` first")
     if path.is_dir():
-        raise LogitcacheError(f"cache {path} is a directory; give the .h5 file")
+        raise LogitcacheError(f"{named} is a directory; give the .h5 file")
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, mode)
     except BlockingIOError:
-        raise LogitcacheError(f"cache {path} is being written by another process; wait for the dump to finish") from None
+        raise LogitcacheError(f"{named} {busy}") from None
+    except PermissionError:
+        raise LogitcacheError(f"{path} cannot be opened for {'reading' if mode == 'r' else 'writing'} "
+                              "(permission denied); fix its permissions and rerun the same command") from None
     except OSError as e:
-        raise LogitcacheError(f"cache {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); "
-                              "it is truncated or damaged, re-dump it") from None
+        if e.errno is not None and mode != "r":  # the system refused (read-only file system...): the file may be fine
+            raise LogitcacheError(f"{path} cannot be opened for writing ({str(e).splitlines()[0]}); "
+                                  "fix that and rerun the same command to resume") from None
+        raise UnreadableFile(f"{named} cannot be opened as HDF5 ({str(e).splitlines()[0]}); {remedy}") from None
+
+
+def dataset_names(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def read_blocks(dataset: h5py.Dataset, path: str | Path, stop: int | None = None):
+    """Rows [0, stop) as (first row, block) in blocks of 8 chunks, each read through its checksum."""
+    stop = len(dataset) if stop is None else stop
+    step = max(1, (dataset.chunks or (max(1, len(dataset)),))[0] * 8)
+    for lo in range(0, stop, step):
+        yield lo, read_rows(dataset, slice(lo, min(stop, lo + step)), path)
 
 
 def open_cache(path: str | Path) -> tuple[h5py.File, dict]:

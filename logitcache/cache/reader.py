@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import torch
 
-from logitcache.cache.format import open_cache, read_rows
+from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows
 from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
 
@@ -72,13 +72,9 @@ class Cache:
 
     def verify_checksums(self) -> None:
         """Read every array in chunk-aligned blocks: fletcher32 catches damage anywhere, not only in sampled rows."""
-        names: list[str] = []
-        self.file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        for name in names:
-            ds = self.file[name]
-            step = max(1, (ds.chunks or (len(ds),))[0] * 8)
-            for lo in range(0, len(ds), step):
-                self.read(name, slice(lo, lo + step))
+        for name in dataset_names(self.file):
+            for _ in read_blocks(self.file[name], self.path):
+                pass
 
     def view_params(self) -> np.ndarray:
         return self.read("views/params")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.schedule import NonNegative
 
 DEFAULT_PARAMS = "params.yaml"
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"]
@@ -146,31 +147,21 @@ class DumpConfig(Section):
         return views
 
 
-Schedule = Literal["constant", "linear", "cosine", "step"]
-
-
 class StudentConfig(TrainConfig):
     """Phase two: a student trained against one or more caches (or plain CE)."""
 
     model: str = "cnn_small"
     epochs: int = Field(10, ge=1)
     lr: float = Field(0.05, gt=0)
-    mode: Literal["ce", "kd", "feature", "kd+feature"] = "kd"
+    loss: dict[str, dict[str, Any] | None] = Field(
+        default_factory=lambda: {"kd": {}},
+        description="distillation methods and their settings, e.g. {kd: {temperature: 4}, at: {pairs: [[block2, "
+                    "layer2]]}} (logitcache methods lists them); {} trains with cross-entropy alone, without a cache")
+    ce_weight: NonNegative = Field(1.0, description="weight of cross-entropy on the labeled rows (a value or a schedule)")
     caches: list[str] = Field(["data/cache/train.h5"], description="training-split caches; several = ensemble")
     test_cache: str | None = Field("data/cache/test.h5", description="test-split cache for agreement/KL metrics")
     teacher: str = Field("data/teacher/teacher.pt", description="teacher checkpoint, used only with --online")
     online: bool = Field(False, description="reference mode: compute the same targets with the live teacher")
-    temperature: float = Field(4.0, gt=0)
-    temperature_end: float | None = Field(None, gt=0)
-    temperature_schedule: Schedule = "constant"
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs CE")
-    alpha_end: float | None = Field(None, ge=0, le=1)
-    alpha_schedule: Schedule = "constant"
-    combine: Literal["probs", "kl"] = Field("probs", description="several caches: average distributions or KL terms")
-    student_layer: str | None = Field(None, description="student node for the hint (logitcache layers MODEL)")
-    teacher_layer: str | None = Field(None, description="cached teacher layer the hint imitates")
-    feature_loss: Literal["mse", "normalized_mse", "cosine"] = "mse"
-    feature_weight: float = Field(1.0, ge=0)
     view_sampling: Literal["random", "round_robin"] = "random"
     augment: AugmentConfig | None = Field(None, description="random augmentation; with a cache only for 1-view caches "
                                           "and force_augment")
@@ -179,6 +170,8 @@ class StudentConfig(TrainConfig):
     labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
     labels_seed: int = Field(0, ge=0, description="seed of the labeled subset, shared by every student seed")
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
+    shuffle_block: int = Field(256, ge=1, description="each epoch shuffles blocks of this many consecutive rows "
+                               "(1 = single rows); the same order whether the cache is read from RAM or disk")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
     out: str = "data/students/default"
 

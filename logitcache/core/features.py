@@ -74,3 +74,31 @@ def pool_feature(t: torch.Tensor, pool: int) -> torch.Tensor:
     if pool and t.dim() == 4 and (t.shape[2] > pool or t.shape[3] > pool):
         return F.adaptive_avg_pool2d(t, pool)
     return t
+
+
+def attention_map(t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """AT's attention map (Zagoruyko & Komodakis 2017): channel-mean of |f|^p, flattened, L2-normalised per sample."""
+    return F.normalize(t.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def embedding(t: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector: a map globally average-pooled, a vector as it is."""
+    return t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+
+
+def stored_form(t: torch.Tensor, form: str, layer: dict) -> torch.Tensor:
+    """A layer's output in one stored form, rounded to float16 as the cache holds it.
+
+    `layer` is the layer's record in the cache metadata (its pooling and attention exponent).
+    The dump writes exactly this, and `--online` and `inspect --verify` recompute it.
+    """
+    forms = layer.get("forms") or {"map": {"pooled_to": layer.get("pooled_to")}}
+    if form == "map":
+        out = pool_feature(t, forms["map"].get("pooled_to") or 0)
+    elif form == "attention":
+        out = attention_map(t, forms["attention"].get("p", 2.0))
+    elif form == "embedding":
+        out = embedding(t)
+    else:
+        raise LogitcacheError(f"unknown stored form {form!r}; use map, attention or embedding")
+    return out.half()

@@ -114,7 +114,8 @@ SYNC_EVERY = 25  # steps between host syncs (finiteness check, progress bar): no
 
 def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, scheduler, *, epoch: int,
                 desc: str, modules: Iterable[nn.Module] = (), dist: Dist = Dist.single()) -> dict:
-    """One pass over the loader; `step(batch)` returns (loss, logits, labels).
+    """One pass over the loader; `step(batch)` returns (loss, logits, labels) and optionally a dict of named
+    loss terms, whose per-sample means over the epoch are returned as `loss/<name>`.
 
     A non-finite loss stops the run naming the epoch and the first bad step, before any
     checkpoint of a NaN model can be written. Loss and accuracy are summed over all ranks.
@@ -124,13 +125,14 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
         m.train()
     device = next(model.parameters()).device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct: read every SYNC_EVERY steps
+    term_sums: dict[str, torch.Tensor] = {}  # named loss terms, summed over samples on the device
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
     seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
     for i, batch in enumerate(bar):
         interrupt.check()
-        loss, logits, labels = step(batch)
+        loss, logits, labels, *rest = step(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,14 +142,18 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
         with torch.no_grad():
             first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
             totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
+            for name, value in (rest[0] if rest else {}).items():
+                term_sums[name] = term_sums.get(name, 0) + torch.as_tensor(value, device=device).double() * n
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
             _stop_if_non_finite(int(first_bad), epoch, desc, dist)
             loss_sum, correct = totals.tolist()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     seconds = time.perf_counter() - start
-    seen, loss_sum, correct = dist.sum([seen, *totals.tolist()])
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds, "img_per_s": seen / seconds}
+    names = sorted(term_sums)
+    seen, loss_sum, correct, *term_values = dist.sum([seen, *totals.tolist(), *(float(term_sums[k]) for k in names)])
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds, "img_per_s": seen / seconds,
+            **{f"loss/{name}": value / seen for name, value in zip(names, term_values)}}
 
 
 def _stop_if_non_finite(first_bad: int, epoch: int, desc: str, dist: Dist) -> None:

@@ -96,17 +96,21 @@ class CachedColumn:
 
 
 class StudentBatches(Dataset):
-    """A batch of (row, view) pairs -> images, labels, labeled mask, teacher logits per cache, teacher features."""
+    """A batch of (row, view) pairs -> images, labels, labeled mask, rows, teacher logits per cache, teacher features."""
 
     def __init__(self, split: Split, labeled: np.ndarray, *, render: ViewRenderer | None = None,
                  view_params: np.ndarray | None = None, transform: Callable | None = None,
-                 logits: list[CachedColumn] = (), features: dict[str, CachedColumn] | None = None):
+                 logits: list[CachedColumn] = (), features: dict | None = None):
         self.split, self.labeled = split, torch.from_numpy(labeled)
         self.render, self.view_params, self.transform = render, view_params, transform
         self.logits, self.features = list(logits), features or {}
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def close(self) -> None:
+        for column in [*self.logits, *self.features.values()]:
+            column.close()
 
     def __getitem__(self, pairs):
         rows = np.array([p[0] for p in pairs])
@@ -116,6 +120,6 @@ class StudentBatches(Dataset):
             images = render_batch(self.render, images, self.view_params[rows, views])
         elif self.transform is not None:
             images = torch.stack([self.transform(img) for img in images])
-        return (images, self.split.labels[rows], self.labeled[rows],
+        return (images, self.split.labels[rows], self.labeled[rows], torch.from_numpy(rows),
                 [column.take(rows, views) for column in self.logits],
                 {name: column.take(rows, views) for name, column in self.features.items()})

@@ -1,12 +1,13 @@
 """Phase two: train a student against the cache (or, with --online, the live teacher, for reference).
 
-The whole flow is here, top to bottom: check the caches against the data, choose the
-labeled rows, build the batches (replayed views + cached targets), train, evaluate, save.
+`train_one` is the whole flow, top to bottom: plan the run (data, labeled rows, caches,
+methods), build the learner and the batches, train epoch by epoch, then evaluate and save.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,16 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from logitcache.cache.format import form_dataset, stored_forms
 from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher, pool_feature
+from logitcache.core.features import FeatureTaker, load_teacher, stored_form
 from logitcache.core.io import load_checkpoint, save_checkpoint, write_json
 from logitcache.core.models import build_model, feature_nodes
+from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
     RESUME,
     Checkpointer,
@@ -41,7 +44,19 @@ from logitcache.core.training import (
 from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
 from logitcache.student.batches import CachedColumn, StudentBatches, ViewBatchSampler
 from logitcache.student.evaluate import evaluate_model
-from logitcache.student.methods import METHODS, Method, Targets
+from logitcache.student.losses import masked_ce
+from logitcache.student.methods import (
+    Batch,
+    Context,
+    Method,
+    MethodConfig,
+    Needs,
+    StudentOut,
+    TeacherInput,
+    TeacherOut,
+    methods,
+    parse_loss,
+)
 
 
 def train_student(params: Params, name: str = "default", *, resume: bool = False, dist: Dist = Dist.single()) -> dict:
@@ -80,74 +95,124 @@ def aggregate(runs: list[dict], seeds: list[int]) -> dict:
     return summary
 
 
+@dataclass
+class Plan:
+    """What a run needs to know before building anything: data, labeled rows, caches, methods and their needs."""
+
+    train: Split
+    labeled: np.ndarray  # bool per training row: may CE use its label
+    rows: np.ndarray  # the rows an epoch iterates over
+    methods: dict[str, MethodConfig]
+    needs: Needs  # union over the methods
+    cache: dict | None  # first cache's view parameters and metadata; None for a CE-only student
+
+
+def mode_name(cfg: StudentConfig) -> str:
+    return "+".join(cfg.loss) or "ce"
+
+
+def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
+    """Validate everything the run reads, before any output folder is touched."""
+    chosen = parse_loss(cfg.loss, f"students.{name}")
+    needs = _union([methods()[m].needs(c) for m, c in chosen.items()])
+    train = load_split(params.data, "train")
+    meta = _open_caches(cfg, train, needs) if chosen else None
+    labeled = labeled_mask(cfg, len(train))
+    if cfg.test_cache and Path(cfg.test_cache).exists():  # as evaluate_model uses it, but checked before training
+        with Cache(cfg.test_cache) as cache:
+            cache.check_matches(load_split(params.data, "test"))
+    rows = np.arange(len(train)) if chosen else np.flatnonzero(labeled)
+    return Plan(train, labeled, rows, chosen, needs, meta)
+
+
+def _union(all_needs: list[Needs]) -> Needs:
+    def unique(items):
+        return list(dict.fromkeys(items))
+    return Needs(logits=any(n.logits for n in all_needs), teacher=unique(t for n in all_needs for t in n.teacher),
+                 student=unique(s for n in all_needs for s in n.student), banks=unique(b for n in all_needs for b in n.banks))
+
+
 class Learner(nn.Module):
-    """Student and method (adapters) as one module, so DDP averages the gradients of both."""
+    """Student and methods (adapters, heads) as one module, so DDP averages the gradients of both.
 
-    def __init__(self, taker: nn.Module, method: Method):
+    The loss is `ce_weight * CE(labeled rows) + sum(weight * method loss)`; every named term
+    is returned for the per-epoch curves.
+    """
+
+    def __init__(self, taker: nn.Module, methods: dict[str, Method], cfg: StudentConfig):
         super().__init__()
-        self.taker, self.method = taker, method
+        self.taker, self.methods, self.cfg = taker, nn.ModuleDict(methods), cfg
 
-    def forward(self, x: torch.Tensor, targets: Targets, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, teacher: TeacherOut, batch: Batch, at: Progress):
         out = self.taker(x)
-        loss, _ = self.method(out["logits"].float(), out.get("feature"), targets, progress)
-        return loss, out["logits"]
+        student = StudentOut(out["logits"].float(), {k: v for k, v in out.items() if k != "logits"})
+        ce = masked_ce(student.logits, batch.labels, batch.labeled)
+        total = value_at(self.cfg.ce_weight, at) * ce
+        terms: dict = {"ce": ce.detach()}
+        for name, method in self.methods.items():
+            loss, parts = method(student, teacher, batch, at)
+            total = total + value_at(method.cfg.weight, at) * loss
+            terms.update({(name if key == name else f"{name}.{key}"): value for key, value in parts.items()})
+        return total, student.logits, terms
+
+
+def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple[nn.Module, Learner]:
+    """The student (with the nodes the methods read exposed) and each method sized from the real shapes."""
+    train = plan.train
+    student = build_model(cfg.model, train.channels, train.num_classes)
+    nodes = feature_nodes(student)
+    unknown = [s for s in plan.needs.student if s not in nodes]
+    if unknown:
+        raise LogitcacheError(f"unknown student layer(s) {', '.join(map(repr, unknown))} for {cfg.model}; "
+                              f"valid names: {', '.join(nodes)}")
+    taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
+                  device)
+    with torch.no_grad():
+        probe = taker.eval()(normalizer(train.mean, train.std)(train.images[:2].to(device)))
+    ctx = Context(num_classes=train.num_classes, num_samples=len(train),
+                  student_shapes={s: tuple(probe[s].shape[1:]) for s in plan.needs.student},
+                  teacher_shapes=plan.cache["shapes"] if plan.cache else {},
+                  banks={b: _bank(cfg.caches[0], b).to(device) for b in plan.needs.banks})
+    chosen = {name: methods()[name](c, ctx) for name, c in plan.methods.items()}
+    return student, Learner(taker, chosen, cfg).to(device)
+
+
+def _bank(path: str, source: TeacherInput) -> torch.Tensor:
+    """Every sample's cached value of a teacher layer, under its evaluation view (view 0)."""
+    with Cache(path) as cache:
+        return torch.from_numpy(cache.read(form_dataset(source.layer, source.form), (slice(None), 0))).float()
 
 
 def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resume: bool = False,
               dist: Dist = Dist.single()) -> dict:
     config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
     if resume and (done := _finished_run(out, config)) is not None:
+        if dist.is_main:
+            print(f"{name}: {out} already finished with these settings, kept", flush=True)
         return done if dist.is_main else {}
     device = select_device(cfg.device, dist)
     per_rank_batch(cfg.batch_size, dist)  # refuse a batch that does not split evenly over the ranks
     seed_everything(cfg.seed)
-    train = load_split(params.data, "train")
-    method_cls = METHODS[cfg.mode]
-    distilling = cfg.mode != "ce"
-    meta = _open_caches(cfg, train) if distilling else None
-    labeled = labeled_mask(cfg, len(train))
-    if cfg.test_cache and Path(cfg.test_cache).exists():  # as evaluate_model uses it, but checked before training
-        with Cache(cfg.test_cache) as cache:
-            cache.check_matches(load_split(params.data, "test"))
-    rows = np.arange(len(train)) if distilling else np.flatnonzero(labeled)
 
-    student = build_model(cfg.model, train.channels, train.num_classes)
-    nodes = feature_nodes(student)
-    if method_cls.uses_features and cfg.student_layer not in nodes:
-        raise LogitcacheError(f"unknown student_layer {cfg.student_layer!r} for {cfg.model}; valid names: {', '.join(nodes)}")
-    taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **(
-        {cfg.student_layer: "feature"} if method_cls.uses_features else {})}), device)
-    method = _make_method(cfg, method_cls, taker, train, meta, device)
-    learner = data_parallel(Learner(taker, method), device, dist)
-    dataset, sampler = _batches(cfg, train, labeled, rows, meta, dist)
+    plan = plan_run(params, cfg, name)
+    student, learner = build_learner(plan, cfg, device)
+    dataset, sampler = _batches(cfg, plan, dist)
     loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed, workers=cfg.workers, device=device,
                          sampler=sampler)
-    optimizer, scheduler = make_optimizer([*taker.parameters(), *method.parameters()], cfg, len(sampler))
-    prepare = normalizer(train.mean, train.std)
-    online = _online_teacher(cfg, meta, device) if cfg.online and distilling else None
-    total_steps = cfg.epochs * len(sampler)
+    optimizer, scheduler = make_optimizer(learner.parameters(), cfg, len(sampler))
+    model = data_parallel(learner, device, dist)
+    teacher_for = _online_teacher(cfg, plan, device) if cfg.online and plan.methods else None
     checkpointer = Checkpointer(out, [out / "student.pt", Path(cfg.out) / "metrics.json"],
                                 {**config, "world_size": dist.world_size},
-                                {"student": taker, "method": method, "optimizer": optimizer, "scheduler": scheduler},
-                                dist)
-
-    def step(batch, progress):
-        images, labels, labeled_rows, logits, features = batch
-        x = to_input(images, device, prepare)
-        if online is not None:
-            logits, features = online(x)
-        targets = Targets(labels.to(device), labeled_rows.to(device), [t.to(device) for t in logits],
-                          {k: v.to(device) for k, v in features.items()})
-        with autocast(device):
-            loss, logits = learner(x, targets, progress)
-        return loss, logits, targets.labels
+                                {"learner": learner, "optimizer": optimizer, "scheduler": scheduler}, dist)
+    step = Stepper(model, cfg, plan, device, dist, teacher_for, steps_per_epoch=len(sampler))
 
     def run_epoch(epoch: int) -> dict:
         seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)
         sampler.set_epoch(epoch)
-        steps = iter(range(epoch * len(sampler), (epoch + 1) * len(sampler)))
-        stats = train_epoch(learner, loader, lambda b: step(b, next(steps) / max(1, total_steps - 1)), optimizer,
-                            scheduler, epoch=epoch + 1, desc=f"{name} {epoch + 1}/{cfg.epochs}", dist=dist)
+        step.epoch = epoch
+        stats = train_epoch(model, loader, step, optimizer, scheduler, epoch=epoch + 1,
+                            desc=f"{name} {epoch + 1}/{cfg.epochs}", dist=dist)
         if dist.is_main:
             print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
                   f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
@@ -156,19 +221,51 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     try:
         history = fit(cfg.epochs, run_epoch, checkpointer, resume)
     finally:
-        for column in [*dataset.logits, *dataset.features.values()]:
-            column.close()
+        dataset.close()
+    return _finish(params, cfg, plan, student, learner, history, out, config, checkpointer, device, dist)
+
+
+class Stepper:
+    """One training step's forward: the batch's targets (cached, or from the live teacher), then the learner."""
+
+    def __init__(self, model, cfg: StudentConfig, plan: Plan, device, dist: Dist, teacher_for, steps_per_epoch: int):
+        self.model, self.cfg, self.device, self.dist, self.teacher_for = model, cfg, device, dist, teacher_for
+        self.prepare = normalizer(plan.train.mean, plan.train.std)
+        self.steps_per_epoch, self.total = steps_per_epoch, cfg.epochs * steps_per_epoch
+        self.epoch, self.i = 0, 0
+
+    def __call__(self, batch):
+        images, labels, labeled, rows, logits, features = batch
+        step = self.epoch * self.steps_per_epoch + self.i
+        self.i = (self.i + 1) % self.steps_per_epoch
+        at = Progress(step / max(1, self.total - 1), step / self.steps_per_epoch)
+        x = to_input(images, self.device, self.prepare)
+        if self.teacher_for is not None:
+            teacher = self.teacher_for(x)
+        else:
+            teacher = TeacherOut([t.to(self.device) for t in logits],
+                                 {key: v.to(self.device) for key, v in features.items()})
+        info = Batch(labels.to(self.device), labeled.to(self.device), rows.to(self.device), self.dist.world_size)
+        with autocast(self.device):
+            loss, logits, terms = self.model(x, teacher, info, at)
+        return loss, logits, info.labels, terms
+
+
+def _finish(params, cfg, plan, student, learner, history, out, config, checkpointer, device, dist) -> dict:
+    """Rank 0 evaluates on the test split and writes metrics, history, config and the checkpoint (last)."""
     if not dist.is_main:
         dist.barrier()
         return {}
-    # the student shares the taker's trained modules
+    train = plan.train
     metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
-    metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=cfg.mode,
-                   labeled=int(labeled.sum()), online=cfg.online, world_size=dist.world_size)
+    metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=mode_name(cfg),
+                   labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
+                   steps=len(history) and history[-1].get("steps", 0))
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
-    save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config, adapters=_cpu(method.state_dict()),
+    save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config,
+                    adapters=_cpu(learner.methods.state_dict()),
                     model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
     checkpointer.discard()  # the checkpoint, written last, marks the run finished
     dist.barrier()
@@ -211,10 +308,10 @@ def labeled_mask(cfg: StudentConfig, n: int) -> np.ndarray:
     return mask
 
 
-def _open_caches(cfg: StudentConfig, train: Split) -> dict:
+def _open_caches(cfg: StudentConfig, train: Split, needs: Needs) -> dict:
     """Check every cache against the training data and each other; return what training needs of them."""
     if not cfg.caches:
-        raise LogitcacheError(f"mode {cfg.mode} needs at least one cache in caches:")
+        raise LogitcacheError(f"students with a loss: ({', '.join(cfg.loss)}) need at least one cache in caches:")
     first = None
     for path in cfg.caches:
         with Cache(path) as cache:
@@ -225,33 +322,25 @@ def _open_caches(cfg: StudentConfig, train: Split) -> dict:
                 raise LogitcacheError(f"{path} holds other views than {cfg.caches[0]}; several caches must share views")
             if cache.num_classes != train.num_classes:
                 raise LogitcacheError(f"{path} has {cache.num_classes} classes, the data has {train.num_classes}")
-    layers = first["meta"]["layers"]
-    if cfg.mode in ("feature", "kd+feature"):
-        names = [layer["name"] for layer in layers]
-        if cfg.teacher_layer not in names or not cfg.student_layer:
-            raise LogitcacheError(f"mode {cfg.mode} needs student_layer and teacher_layer; cached teacher layers: "
-                                  f"{', '.join(names) or 'none (dump with --layers)'}")
+    stored = stored_forms(first["meta"])
+    missing = [str(t) for t in [*needs.teacher, *needs.banks] if (t.layer, t.form) not in stored]
+    if missing:
+        have = ", ".join(f"{layer}:{form}" for layer, form in stored) or "none"
+        raise LogitcacheError(f"{cfg.caches[0]} does not store {', '.join(missing)} (cached: {have}); dump them with "
+                              "dump.layers, e.g. {name: layer2, forms: [map, attention, embedding]}")
+    first["shapes"] = {t: stored[(t.layer, t.form)] for t in [*needs.teacher, *needs.banks]}
     return first
 
 
-def _make_method(cfg: StudentConfig, method_cls, taker, train: Split, meta, device) -> Method:
-    if not method_cls.uses_features:
-        return method_cls(cfg).to(device)
-    layer = next(layer for layer in meta["meta"]["layers"] if layer["name"] == cfg.teacher_layer)
-    with torch.no_grad():
-        probe = taker.eval()(normalizer(train.mean, train.std)(train.images[:2].to(device)))
-    return method_cls(cfg, tuple(probe["feature"].shape[1:]), tuple(layer["shape"])).to(device)
-
-
-def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.ndarray, meta,
-             dist: Dist = Dist.single()):
-    """The dataset and sampler: replayed cached views with their targets, or plain images for CE."""
-    if meta is None:
+def _batches(cfg: StudentConfig, plan: Plan, dist: Dist = Dist.single()):
+    """The dataset and sampler: replayed cached views with their targets, or plain images for a CE-only student."""
+    train, labeled = plan.train, plan.labeled
+    if plan.cache is None:
         spec = ViewSpec.from_config(cfg.augment) if cfg.augment else None
         transform = spec.random_transform(train.image_size) if spec else None
         return StudentBatches(train, labeled, transform=transform), \
-            ViewBatchSampler(rows, 1, cfg.batch_size, "random", cfg.seed, dist=dist)
-    views, info = meta["views"], meta["meta"]
+            ViewBatchSampler(plan.rows, 1, cfg.batch_size, "random", cfg.seed, cfg.shuffle_block, dist)
+    views, info = plan.cache["views"], plan.cache["meta"]
     count = views.shape[1]
     if cfg.force_augment and (cfg.augment is None or count > 1):
         raise LogitcacheError(f"force_augment needs augment: set and a 1-view cache; the cache has {count} views")
@@ -261,38 +350,37 @@ def _batches(cfg: StudentConfig, train: Split, labeled: np.ndarray, rows: np.nda
             "would show inputs the teacher never saw. Dump more views (dump.views) instead, or set "
             "force_augment: true with a 1-view cache to accept mismatched targets")
     budget = cfg.feature_budget_mb * 2**20
-    hinted = cfg.mode in ("feature", "kd+feature") and not cfg.online  # the hint imitates the first cache's teacher
-    features = {cfg.teacher_layer: CachedColumn(cfg.caches[0], f"features/{cfg.teacher_layer}", budget)} if hinted else {}
-    logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if not cfg.online else []
-    in_ram = all(c.array is not None for c in [*logits, *features.values()])
-    spec = ViewSpec.from_json(info["transform"]["augment"])
+    cached = not cfg.online
+    features = {t: CachedColumn(cfg.caches[0], form_dataset(t.layer, t.form), budget)
+                for t in plan.needs.teacher} if cached else {}
+    logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if cached and plan.needs.logits else []
     if cfg.force_augment:
         dataset = StudentBatches(train, labeled, transform=ViewSpec.from_config(cfg.augment).random_transform(
             train.image_size), logits=logits, features=features)
     else:
-        dataset = StudentBatches(train, labeled, render=ViewRenderer(spec), view_params=views, logits=logits,
-                                 features=features)
-    block = 1 if in_ram else 256
-    return dataset, ViewBatchSampler(rows, count, cfg.batch_size, cfg.view_sampling, cfg.seed, block, dist)
+        dataset = StudentBatches(train, labeled, render=ViewRenderer(ViewSpec.from_json(info["transform"]["augment"])),
+                                 view_params=views, logits=logits, features=features)
+    return dataset, ViewBatchSampler(plan.rows, count, cfg.batch_size, cfg.view_sampling, cfg.seed,
+                                     cfg.shuffle_block, dist)
 
 
-def _online_teacher(cfg: StudentConfig, meta, device):
-    """The reference path: the live teacher computes the same targets on the same inputs."""
-    if len(cfg.caches) > 1 or meta["meta"]["topk"]:
+def _online_teacher(cfg: StudentConfig, plan: Plan, device):
+    """The reference path: the live teacher computes the same targets on the same inputs, rounded as cached."""
+    meta = plan.cache["meta"]
+    if len(cfg.caches) > 1 or meta["topk"]:
         raise LogitcacheError("--online reproduces a single full-logit cache; use one cache without topk")
     teacher = load_teacher(cfg.teacher)
-    if teacher.sha256 != meta["meta"]["teacher"]["checkpoint_sha256"]:
+    if teacher.sha256 != meta["teacher"]["checkpoint_sha256"]:
         raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")
-    layers = [cfg.teacher_layer] if cfg.mode in ("feature", "kd+feature") else []
-    pooled = {layer["name"]: layer["pooled_to"] or 0 for layer in meta["meta"]["layers"]}
-    taker = place(FeatureTaker(teacher.model, layers), device).eval()
-    dtype = meta["meta"]["dtypes"]["logits"]
+    layers = {layer["name"]: layer for layer in meta["layers"]}
+    wanted = plan.needs.teacher
+    taker = place(FeatureTaker(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
+    dtype = getattr(torch, meta["dtypes"]["logits"])
 
     @torch.no_grad()
-    def targets(x):
+    def targets(x) -> TeacherOut:
         out = taker(x)
-        # round like the cache does, so online and cached runs differ only by where targets come from
-        logits = out["logits"].float().to(getattr(torch, dtype)).float()
-        return [logits], {name: pool_feature(out[name].float(), pooled[name]).half().float() for name in layers}
+        return TeacherOut([out["logits"].float().to(dtype).float()] if plan.needs.logits else [],
+                          {t: stored_form(out[t.layer].float(), t.form, layers[t.layer]).float() for t in wanted})
 
     return targets

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from logitcache import __version__
-from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_rows
+from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_blocks
 from logitcache.core import interrupt
 from logitcache.core.config import DumpConfig, Params
 from logitcache.core.data import Split, load_split
@@ -293,10 +293,7 @@ def _verify_and_score(writer: CacheWriter, split: Split, record: dict,
     hits = np.zeros(len(split), dtype=bool) if ev is not None else None
     correct = 0
     for name in writer.arrays:
-        ds = f[name]
-        step = ds.chunks[0] * 8
-        for lo in range(0, len(split), step):
-            block = read_rows(ds, slice(lo, lo + step), path)
+        for lo, block in read_blocks(f[name], path):
             rows = slice(lo, lo + len(block))
             if block.dtype.kind == "f" and not np.isfinite(block).all():
                 raise LogitcacheError(f"{path}: {name} holds non-finite values near row {lo}; rerun with --overwrite")

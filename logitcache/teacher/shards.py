@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import h5py
-
-from logitcache.cache.format import get_attr, read_rows
+from logitcache.cache.format import get_attr, open_h5, read_rows
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.teacher.writer import CacheWriter
@@ -100,15 +98,10 @@ def _check(shard: Shard, base_key: str) -> None:
         partial = path.with_name(path.name + ".partial")
         state = "incomplete (its .partial is still there)" if partial.exists() else "missing"
         raise LogitcacheError(f"shard {path} is {state}; rerun the same torchrun command to resume it")
-    try:
-        with h5py.File(path, "r") as f:
-            complete = get_attr(f, "complete", path) if "complete" in f.attrs else False
-            made = get_attr(f, "shard", path) if "shard" in f.attrs else {}
-    except BlockingIOError:
-        raise LogitcacheError(f"shard {path} is open in another process; wait for it") from None
-    except OSError as e:
-        raise LogitcacheError(f"shard {path} cannot be opened as HDF5 ({str(e).splitlines()[0]}); "
-                              "delete it and rerun the same torchrun command") from None
+    with open_h5(path, kind="shard", busy="is open in another process; wait for it",
+                 remedy="delete it and rerun the same torchrun command") as f:
+        complete = get_attr(f, "complete", path) if "complete" in f.attrs else False
+        made = get_attr(f, "shard", path) if "shard" in f.attrs else {}
     if complete is not True:
         raise LogitcacheError(f"shard {path} is incomplete; rerun the same torchrun command to resume it")
     if made.get("run_key") != shard.run_key(base_key):
@@ -122,7 +115,7 @@ def copy_into(writer: CacheWriter, shards: list[Shard], beat: Beat = no_beat) ->
     for shard in shards:
         if not shard.size or shard.stop <= writer.rows_done:
             continue
-        with h5py.File(shard.path, "r") as f:
+        with open_h5(shard.path, kind="shard") as f:
             lo = max(shard.start, writer.rows_done)
             while lo < shard.stop:
                 hi = min(shard.stop, (lo // step + 1) * step)

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from logitcache.cache.format import set_attr
+from logitcache.cache.format import UnreadableFile, dataset_names, open_h5, read_blocks, set_attr
 from logitcache.core.errors import LogitcacheError
 
 CHUNK_BYTES = 512 * 1024
@@ -62,17 +62,10 @@ class CacheWriter:
         if not self.partial.exists():
             return None
         try:
-            f = h5py.File(self.partial, "r+")
-        except BlockingIOError:
-            raise LogitcacheError(f"{self.partial} is open in another process (a dump is running); wait for it") from None
-        except PermissionError:
-            raise LogitcacheError(f"{self.partial} cannot be opened for writing (permission denied); "
-                                  "fix its permissions and rerun the same command to resume") from None
-        except OSError as e:
-            if e.errno is not None:  # the system refused (read-only file system...): the file may be fine, keep it
-                raise LogitcacheError(f"{self.partial} cannot be opened for writing ({str(e).splitlines()[0]}); "
-                                      "fix that and rerun the same command to resume") from None
-            self.partial.unlink()  # HDF5 cannot read it (killed mid-write beyond repair): start over
+            f = open_h5(self.partial, "r+", kind="", busy="is open in another process (a dump is running); "
+                        "wait for it")
+        except UnreadableFile:  # HDF5 cannot read it (killed mid-write beyond repair): start over
+            self.partial.unlink()
             return None
         try:
             if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
@@ -155,19 +148,12 @@ def _committed_rows_read(f: h5py.File) -> bool:
     """Read every committed row back through its checksum: a kill during a later write can damage a shared chunk."""
     done = int(f.attrs.get("rows_done", 0))
     try:
-        for name in _dataset_names(f):
-            step = f[name].chunks[0] * 8
-            for lo in range(0, done, step):
-                f[name][lo:min(done, lo + step)]
-    except (OSError, KeyError, ValueError):
+        for name in dataset_names(f):
+            for _ in read_blocks(f[name], f.filename, stop=done):
+                pass
+    except (LogitcacheError, KeyError, ValueError):
         return False
     return True
-
-
-def _dataset_names(f: h5py.File) -> list[str]:
-    names: list[str] = []
-    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-    return names
 
 
 def refuse_existing(path: Path, overwrite: bool, check_lock: bool = True) -> None:
