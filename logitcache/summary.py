@@ -7,13 +7,14 @@ from pathlib import Path
 
 from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import write_json
+from logitcache.core.io import check_output_folder, write_json
 
 COLUMNS = ("test_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "seconds_per_epoch")
 
 
 def summarize(params: Params, out: str | Path = "data/summary") -> dict:
     """Collect the teacher's and every student's metrics.json; write <out>/metrics.json and summary.md."""
+    check_output_folder(out, "summarize --out")
     rows = {"teacher": {"model": params.teacher.model, "mode": "teacher", **_read(Path(params.teacher.out))}}
     for name, cfg in params.students.items():
         rows[name] = {"model": cfg.model, **_read(Path(cfg.out))}

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from logitcache.core.config import DataConfig
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.io import check_output_folder
 
 SPLITS = ("train", "test")
 
@@ -120,6 +121,9 @@ def prepare_data(cfg: DataConfig) -> dict:
     """Read the raw data set and write the prepared arrays and meta.json; returns the meta."""
     spec = DATASETS[cfg.dataset]
     source = cfg.source or spec.default_source
+    check_output_folder(cfg.root, "data.root")
+    if cfg.download:
+        check_output_folder(source, "data.source (data.download: true writes the raw files there)")
     if not cfg.download and not Path(source).exists():
         raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
     out = dataset_dir(cfg)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,25 @@ def atomic_write(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(path: str | Path, key: str) -> None:
+    """Refuse, before any work, an output folder that could not be created or written; creates nothing.
+
+    Finds the deepest part of `path` that exists and makes (and at once removes) a folder in it:
+    that fails as the run itself would, for a file in the way, a read-only or virtual file
+    system (/proc) or a missing write permission.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), Path("."))
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise LogitcacheError(f"{key}: {path} {where}, not a folder; give a folder path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".logitcache-check-", dir=existing))
+    except OSError as e:
+        raise LogitcacheError(f"{key}: cannot create or write {path} (no folder can be made in {existing}: {e.strerror}); "
+                              "give a folder you can write to") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

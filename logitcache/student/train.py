@@ -22,7 +22,7 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.io import load_checkpoint, save_checkpoint, write_json
+from logitcache.core.io import check_output_folder, load_checkpoint, save_checkpoint, write_json
 from logitcache.core.models import build_model, feature_nodes
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
@@ -67,6 +67,7 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
     """
     cfg = params.student(name)
     out = Path(cfg.out)
+    check_output_folder(out, f"students.{name}.out")
     if not cfg.seeds:
         return train_one(params, cfg, name, out, resume=resume, dist=dist)
     runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}",

@@ -21,6 +21,7 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, pool_feature
+from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
 from logitcache.core.views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
 from logitcache.teacher import shards
@@ -48,6 +49,7 @@ def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
     In a world of one the rows go straight into each cache. Under torchrun every rank
     dumps its shard of each split and rank 0 merges the shards into the same cache.
     """
+    check_output_folder(params.dump.out, "dump.out")
     teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
     return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
 

@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 from logitcache.core.config import Params, save_config
 from logitcache.core.data import IndexedDataset, load_split
 from logitcache.core.distributed import Dist
-from logitcache.core.io import save_checkpoint, write_confusion, write_json
+from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
 from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
@@ -42,6 +42,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     """
     cfg = params.teacher
     out = Path(cfg.out)
+    check_output_folder(out, "teacher.out")
     device = select_device(cfg.device, dist)
     train, test = load_split(params.data, "train"), load_split(params.data, "test")
     seed_everything(cfg.seed)
