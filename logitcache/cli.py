@@ -67,9 +67,9 @@ def params_options(flags: dict[str, str]):
         def wrapper(params_path, overrides, **kwargs):
             from logitcache.core.config import load_params
 
-            shortcuts = [f"{flags[name]}={value}" for name, value in kwargs.items()
-                         if name in flags and value is not None]
-            params = load_params(params_path, [*shortcuts, *overrides])
+            shortcuts = {f"--{name.replace('_', '-')}": f"{flags[name]}={value}" for name, value in kwargs.items()
+                         if name in flags and value is not None}
+            params = load_params(params_path, list(overrides), flags=shortcuts)
             return fn(params, **{k: v for k, v in kwargs.items() if k not in flags})
 
         for name, key in reversed(flags.items()):

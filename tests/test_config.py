@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from logitcache.core.config import Params, load_params
+from logitcache.core.config import Params, load_params, validate
 from logitcache.core.errors import LogitcacheError
 
 
@@ -25,8 +25,8 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("teacher.lrr=0.1", "unknown key 'teacher.lrr'"),
-    ("teacher.lr=-0.1", "teacher.lr: Input should be greater than 0"),
+    ("teacher.lrr=0.1", "invalid -S teacher.lrr=0.1: unknown key 'teacher.lrr'"),
+    ("teacher.lr=-0.1", "invalid -S teacher.lr=-0.1: Input should be greater than 0, got -0.1"),
     ("teacher.epochs=-1", "teacher.epochs"),
     ("teacher.model=resnet21", "unknown model 'resnet21'"),
     ("data.dataset=mnist3", "data.dataset"),
@@ -49,3 +49,34 @@ def test_missing_or_bad_params_file(tmp_path):
     bad.write_text("teacher: [1, 2\n")
     with pytest.raises(LogitcacheError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_an_error_names_the_flag_or_override_that_set_the_key():
+    with pytest.raises(LogitcacheError) as e:
+        load_params(None, [], flags={"--views": "dump.views=0"})
+    assert str(e.value) == "invalid --views (dump.views): views must be >= 1 or 'all', got 0"
+    with pytest.raises(LogitcacheError) as e:  # -S applies after the flag, and is the one reported
+        load_params(None, ["dump.views=-2"], flags={"--views": "dump.views=3"})
+    assert str(e.value) == "invalid -S dump.views=-2: views must be >= 1 or 'all', got -2"
+    with pytest.raises(LogitcacheError) as e:  # a whole section set at once: the key inside it is named
+        load_params(None, ["teacher.augment={crop_padding: -1}"])
+    assert str(e.value).startswith("invalid -S teacher.augment={crop_padding: -1}: teacher.augment.crop_padding: ")
+
+
+def test_an_error_in_the_params_file_names_the_file_even_with_overrides(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("dump:\n  views: 0\n")
+    with pytest.raises(LogitcacheError) as e:
+        load_params(path, ["teacher.epochs=3"], flags={"--layers": "dump.layers=layer1"})
+    assert str(e.value) == f"invalid {path}: dump.views: views must be >= 1 or 'all', got 0"
+    path.write_text("teacher:\n  epochs: 3\n")
+    with pytest.raises(LogitcacheError) as e:
+        load_params(path, ["dump.views=0"])
+    assert str(e.value) == "invalid -S dump.views=0: views must be >= 1 or 'all', got 0"
+
+
+@pytest.mark.parametrize("seeds", [[0, 0], [2, 1, 2]])
+def test_repeated_seeds_are_refused(seeds):
+    with pytest.raises(LogitcacheError, match=r"^invalid params.yaml: students.s.seeds: seeds must differ"):
+        validate({"students": {"s": {"seeds": seeds}}}, source="params.yaml")
+    assert validate({"students": {"s": {"seeds": sorted(set(seeds))}}}).students["s"].seeds == sorted(set(seeds))

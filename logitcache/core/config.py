@@ -177,6 +177,13 @@ class StudentConfig(TrainConfig):
 
     _check_files = field_validator("labeled_indices", "teacher", "test_cache")(_file)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds):
+        if seeds is not None and len(set(seeds)) < len(seeds):
+            raise ValueError("seeds must differ: each trains into <out>/runs/seed<N>/ and the spread is taken over them")
+        return seeds
+
 
 class Params(Section):
     data: DataConfig = DataConfig()
@@ -193,19 +200,32 @@ class Params(Section):
         raise LogitcacheError(f"no student '{name}' in params (students: {known}); add it under students:")
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Params:
-    """Read params.yaml (defaults when absent and not asked for), apply `a.b=value` overrides, validate."""
+def load_params(path: str | Path | None = None, overrides: list[str] = (), flags: dict[str, str] | None = None) -> Params:
+    """Read params.yaml (defaults when absent and not asked for), apply `a.b=value` overrides, validate.
+
+    `flags` maps a command-line flag to the override it stands for (e.g. {"--views": "dump.views=0"}); they apply
+    before `overrides`. An invalid value is reported as the flag or `-S` override that set it, if one did.
+    """
     raw = _read_yaml(path)
-    for item in overrides:
+    given = [*((f"{flag} ({item.partition('=')[0]})", item) for flag, item in (flags or {}).items()),
+             *((f"-S {item}", item) for item in overrides)]
+    for _, item in given:
         _apply_override(raw, item)
-    return validate(raw, source=str(path or DEFAULT_PARAMS))
+    return validate(raw, source=str(path or DEFAULT_PARAMS), given=given)
 
 
-def validate(raw: dict[str, Any], source: str = "params") -> Params:
+def validate(raw: dict[str, Any], source: str = "params", given: list[tuple[str, str]] = ()) -> Params:
+    """The typed configuration, or one line naming the first bad key: as the (label, "key=value") override
+    of `given` that set it, else as `source`."""
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise LogitcacheError(f"invalid {source}: {_one_line(e)}") from None
+        key, message = _one_line(e)
+        label, target = next(((label, item.partition("=")[0]) for label, item in reversed(given)
+                              if _sets(item.partition("=")[0], key)), (source, None))
+        if target == key:
+            message = message.removeprefix(f"{key}: ")  # the label names the key already
+        raise LogitcacheError(f"invalid {label}: {message}") from None
 
 
 def save_config(sections: dict[str, Section], path: str | Path) -> None:
@@ -245,11 +265,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
-def _one_line(error: ValidationError) -> str:
+def _sets(target: str, key: str) -> bool:
+    """Whether an override of `target` sets `key` (itself, or a key inside that section)."""
+    return key == target or key.startswith(target + ".")
+
+
+def _one_line(error: ValidationError) -> tuple[str, str]:
+    """The first error's key and its one-line message."""
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"unknown key '{loc}'; check its spelling against the documented params"
+        return loc, f"unknown key '{loc}'; check its spelling against docs/params.md"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{loc}: {msg}, got {first.get('input')!r}{more}"
+    return loc, f"{loc}: {msg}, got {first.get('input')!r}{more}"
