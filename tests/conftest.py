@@ -55,3 +55,30 @@ def cache_dir(data_cfg, teacher_ckpt, tmp_path_factory):
         "teacher": str(teacher_ckpt), "out": str(out), "views": 3, "layers": ["layer2"], "feature_pool": 2,
         "workers": 0}}))
     return out
+
+
+@pytest.fixture
+def trained_on(monkeypatch):
+    """What `train_student` trains on, step by step (workers=0): the (row, view) pairs of the batch, the teacher
+    targets and batch (labels, labeled rows) the loss saw, the student's logits and the loss. Records at the seams, leaving the computation untouched."""
+    import numpy as np
+
+    from logitcache.student.batches import StudentBatches
+    from logitcache.student.train import Learner
+
+    pairs, steps = [], []
+    getitem, forward = StudentBatches.__getitem__, Learner.forward
+
+    def record_pairs(self, batch_pairs):
+        pairs.append(np.array(batch_pairs))
+        return getitem(self, batch_pairs)
+
+    def record_step(self, x, teacher, batch, at):
+        loss, logits, terms = forward(self, x, teacher, batch, at)
+        steps.append({"pairs": pairs[len(steps)], "targets": teacher, "batch": batch, "logits": logits.detach().clone(),
+                      "loss": loss.detach().clone()})
+        return loss, logits, terms
+
+    monkeypatch.setattr(StudentBatches, "__getitem__", record_pairs)
+    monkeypatch.setattr(Learner, "forward", record_step)
+    return steps

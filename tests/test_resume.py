@@ -84,7 +84,8 @@ def test_teacher_sigkill_then_resume_equals_an_uninterrupted_run_to_the_bit(data
     resumed = subprocess.run([sys.executable, "-m", "logitcache", "train-teacher", "--resume", "--params",
                               str(params_path)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"epoch {saved_epoch}/4" not in resumed.stdout and "epoch 4/4" in resumed.stdout  # continued, not restarted
+    assert f"{out / RESUME}: resuming at epoch {saved_epoch + 1} of 4" in resumed.stdout  # continued, not restarted
+    assert f"epoch {saved_epoch}/4" not in resumed.stdout and "epoch 4/4" in resumed.stdout
     assert same_weights(out / "teacher.pt", tmp_path / "ref" / "teacher" / "teacher.pt")
     assert json.loads((out / "metrics.json").read_text())["test_acc"] == reference["test_acc"]
     ref_history = json.loads((tmp_path / "ref" / "teacher" / "history.json").read_text())
@@ -117,10 +118,15 @@ def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(da
     assert code == -signal.SIGKILL
     assert not (out / "metrics.json").exists() and not (out / "runs" / "seed1" / "student.pt").exists()
     finished = (out / "runs" / "seed0" / "student.pt").stat().st_mtime_ns
+    killed = out / "runs" / "seed1" / RESUME
+    saved_epoch = load_checkpoint(killed)["epoch"]
+    assert 1 <= saved_epoch < 4
 
     resumed = subprocess.run([sys.executable, "-m", "logitcache", "train-student", "kd", "--resume", "--params",
                               str(params_path)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"kd seed 0 already finished, kept ({out / 'runs' / 'seed0'})" in resumed.stdout
+    assert f"{killed}: resuming at epoch {saved_epoch + 1} of 4" in resumed.stdout  # the killed seed continues
     assert (out / "runs" / "seed0" / "student.pt").stat().st_mtime_ns == finished  # seed 0 was not retrained
     for seed in (0, 1):
         assert same_weights(out / "runs" / f"seed{seed}" / "student.pt",

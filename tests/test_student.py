@@ -4,6 +4,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from logitcache.cli import main
@@ -52,7 +53,6 @@ def test_other_losses_train(data_cfg, cache_dir, tmp_path, loss, mode):
     params = student_params(data_cfg, cache_dir, tmp_path, loss=loss, epochs=1)
     metrics = train_student(params, "s")
     assert metrics["mode"] == mode
-    import torch
     ckpt = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
     assert bool(ckpt["adapters"]) == ("fitnets" in loss)  # adapters kept apart from the student weights
     assert not any(k.startswith("adapter") for k in ckpt["state_dict"])
@@ -192,19 +192,107 @@ def test_workers_read_the_cache_lazily(data_cfg, cache_dir, tmp_path):
     assert train_student(params, "s")["test_acc"] > 0
 
 
-def test_online_reference_matches_cached_run(data_cfg, teacher_ckpt, cache_dir, tmp_path):
-    cached = train_student(student_params(data_cfg, cache_dir, tmp_path / "c", epochs=2), "s")
-    online = train_student(student_params(data_cfg, cache_dir, tmp_path / "o", epochs=2, online=True,
-                                          teacher=str(teacher_ckpt)), "s")
-    assert online["online"] and abs(online["test_acc"] - cached["test_acc"]) <= 0.02
-    with pytest.raises(LogitcacheError, match="not the checkpoint the cache was made from"):
-        import torch
+def cached(path, name, pairs) -> torch.Tensor:
+    """Array `name` of the cache at `path` for the (row, view) pairs, read straight from the HDF5 file."""
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(f[name][()][pairs[:, 0], pairs[:, 1]])
 
-        other = tmp_path / "other.pt"
-        ckpt = torch.load(teacher_ckpt, weights_only=True)
-        ckpt["state_dict"]["fc.bias"] += 0.01
-        torch.save(ckpt, other)
+
+def test_online_targets_equal_the_cached_targets_of_the_same_pairs(data_cfg, teacher_ckpt, cache_dir, tmp_path,
+                                                                  trained_on):
+    params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT}, epochs=1, online=True,
+                            teacher=str(teacher_ckpt))
+    assert train_student(params, "s")["online"]
+    assert len(trained_on) == 10  # 600 rows in batches of 64
+    for step in trained_on:
+        assert torch.equal(step["targets"].logits[0], cached(cache_dir / "train.h5", "logits", step["pairs"]).float())
+        assert torch.equal(step["targets"].features[TeacherInput("layer2", "map")],
+                           cached(cache_dir / "train.h5", "features/layer2", step["pairs"]).float())
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ckpt["state_dict"]["fc.bias"] += 0.01
+    torch.save(ckpt, other)
+    with pytest.raises(LogitcacheError, match="not the checkpoint the cache was made from"):
         train_student(student_params(data_cfg, cache_dir, tmp_path / "x", online=True, teacher=str(other)), "s")
+
+
+def kd_float64(student: torch.Tensor, teachers: list[torch.Tensor], t: float, combine: str) -> torch.Tensor:
+    """Hinton KD in float64: T^2 KL(teacher || student) at temperature T, batch mean; several teachers either
+    through the average of their softened distributions (probs) or as the average of their KL terms (kl)."""
+    log_s = torch.log_softmax(student.double() / t, dim=1)
+    probs = [torch.softmax(teacher.double() / t, dim=1) for teacher in teachers]
+
+    def kl(p):
+        return (p * (p.log() - log_s)).sum(1).mean() * t**2
+
+    return kl(sum(probs) / len(probs)) if combine == "probs" else sum(kl(p) for p in probs) / len(probs)
+
+
+def kd_loss_float64(step, teachers, t=4.0, weight=0.9, ce_weight=1.0, combine="probs") -> torch.Tensor:
+    """The whole objective of one step of a default KD student, every row labeled: weight KD + ce_weight CE."""
+    ce = torch.nn.functional.cross_entropy(step["logits"].double(), step["batch"].labels)
+    return weight * kd_float64(step["logits"], teachers, t, combine) + ce_weight * ce
+
+
+def topk_reconstruction_float64(path, pairs, num_classes=10) -> torch.Tensor:
+    """Full logits from a top-k cache: stored classes exact, the others share the leftover mass at T=1 evenly."""
+    values = cached(path, "topk_values", pairs).double()
+    indices = cached(path, "topk_indices", pairs).long()
+    lse = cached(path, "topk_lse", pairs).double()
+    left = 1 - torch.exp(values - lse[:, None]).sum(1)
+    fill = lse + torch.log(left / (num_classes - values.shape[1]))
+    return fill[:, None].repeat(1, num_classes).scatter(1, indices, values)
+
+
+def test_student_of_a_topk_cache_trains_on_the_topk_reconstruction(data_cfg, teacher_ckpt, cache_dir, tmp_path,
+                                                                   trained_on):
+    [topk] = dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(teacher_ckpt), "out": str(tmp_path / "topk"), "views": 3, "layers": [], "topk": 3,
+        "workers": 0, "splits": ["train"]}}))
+    metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, epochs=1, caches=[str(topk)]), "s")
+    assert metrics["mode"] == "kd" and (tmp_path / "student" / "student.pt").is_file()
+    for step in trained_on[:3]:
+        expected = topk_reconstruction_float64(topk, step["pairs"])
+        target = step["targets"].logits[0].double()
+        for t in (1.0, 4.0):  # the stored mass at T=1, and the distribution the KD term imitates at T=4
+            assert torch.allclose((target / t).softmax(1), (expected / t).softmax(1), rtol=0, atol=1e-6)
+        assert torch.allclose(step["loss"].double(), kd_loss_float64(step, [expected]), rtol=1e-5, atol=1e-7)
+    full = cached(cache_dir / "train.h5", "logits", trained_on[0]["pairs"]).double()
+    assert not torch.allclose(full, topk_reconstruction_float64(topk, trained_on[0]["pairs"]), atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def second_cache(data_cfg, tmp_path_factory):
+    """train.h5 of a second teacher (seed 1), with the same views as the session cache (dump seed 0, 3 views)."""
+    from logitcache.teacher.train import train_teacher
+
+    out = tmp_path_factory.mktemp("second")
+    train_teacher(validate({"data": data_cfg.model_dump(), "teacher": {
+        "model": "resnet8", "epochs": 3, "batch_size": 32, "lr": 0.05, "workers": 0, "seed": 1,
+        "out": str(out / "teacher")}}))
+    [path] = dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(out / "teacher" / "teacher.pt"), "out": str(out / "cache"), "views": 3, "layers": [],
+        "workers": 0, "splits": ["train"]}}))
+    return path
+
+
+@pytest.mark.parametrize("combine", ["probs", "kl"])
+def test_two_different_teachers_combine_as_their_formula_says(data_cfg, cache_dir, second_cache, tmp_path,
+                                                              trained_on, combine):
+    caches = [cache_dir / "train.h5", second_cache]
+    params = student_params(data_cfg, cache_dir, tmp_path, epochs=1, caches=[str(c) for c in caches],
+                            loss={"kd": {"combine": combine}})
+    metrics = train_student(params, "s")
+    assert metrics["mode"] == "kd" and (tmp_path / "student" / "student.pt").is_file()
+    other = {"probs": "kl", "kl": "probs"}[combine]
+    for step in trained_on[:3]:
+        teachers = [cached(c, "logits", step["pairs"]).double() for c in caches]
+        assert not torch.equal(teachers[0], teachers[1])  # two different teachers
+        for target, teacher in zip(step["targets"].logits, teachers):
+            assert torch.equal(target.double(), teacher)
+        expected = kd_loss_float64(step, teachers, combine=combine)
+        assert torch.allclose(step["loss"].double(), expected, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(kd_loss_float64(step, teachers, combine=other), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("settings, words", [

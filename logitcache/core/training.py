@@ -238,6 +238,8 @@ def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointe
     """Run epochs [start, epochs), saving resumable state after each; start > 0 only with resume."""
     checkpointer.begin(resume)
     start, history = checkpointer.restore() if resume else (0, [])
+    if start and checkpointer.dist.is_main:
+        print(f"{checkpointer.path}: resuming at epoch {start + 1} of {epochs}", flush=True)
     for epoch in range(start, epochs):
         interrupt.check()
         history.append(run_epoch(epoch))

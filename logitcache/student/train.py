@@ -189,7 +189,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
     if resume and (done := _finished_run(out, config)) is not None:
         if dist.is_main:
-            print(f"{name}: {out} already finished with these settings, kept", flush=True)
+            print(f"{name} seed {cfg.seed} already finished, kept ({out})", flush=True)
         return done if dist.is_main else {}
     device = select_device(cfg.device, dist)
     per_rank_batch(cfg.batch_size, dist)  # refuse a batch that does not split evenly over the ranks

@@ -112,6 +112,8 @@ def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = D
     job = prepare_split(params, teacher, split_name, dist.device(cfg.device))
     writer = CacheWriter(job.path, job.n, job.arrays, job.run_key, cfg.compression, cfg.overwrite)
     try:
+        if writer.rows_done:
+            print(f"{writer.partial}: resuming at row {writer.rows_done:,} of {job.n:,}", flush=True)
         _fill(writer, job)
         path = _verify_and_finish(writer, job)
     finally:
