@@ -255,7 +255,8 @@ def test_student_of_a_topk_cache_trains_on_the_topk_reconstruction(data_cfg, tea
         expected = topk_reconstruction_float64(topk, step["pairs"])
         target = step["targets"].logits[0].double()
         for t in (1.0, 4.0):  # the stored mass at T=1, and the distribution the KD term imitates at T=4
-            assert torch.allclose((target / t).softmax(1), (expected / t).softmax(1), rtol=0, atol=1e-6)
+            diff = ((target / t).softmax(1) - (expected / t).softmax(1)).abs().max().item()
+            assert diff <= 5e-6, diff  # float32 targets: a few ulps of the probabilities
         assert torch.allclose(step["loss"].double(), kd_loss_float64(step, [expected]), rtol=1e-5, atol=1e-7)
     full = cached(cache_dir / "train.h5", "logits", trained_on[0]["pairs"]).double()
     assert not torch.allclose(full, topk_reconstruction_float64(topk, trained_on[0]["pairs"]), atol=1e-2)
