@@ -7,7 +7,15 @@ import torch.nn.functional as F
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import Progress
-from logitcache.student.methods import Batch, Context, StudentOut, TeacherInput, TeacherOut, methods, parse_loss
+from logitcache.student.methods import (
+    Batch,
+    Context,
+    StudentOut,
+    TeacherInput,
+    TeacherOut,
+    methods,
+    parse_loss,
+)
 
 
 def _attention64(f, p=2.0):

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from logitcache.core.schedule import Progress
-from logitcache.student.methods import Batch, Context, StudentOut, TeacherInput, TeacherOut, methods, parse_loss
+from logitcache.student.methods import (
+    Batch,
+    Context,
+    StudentOut,
+    TeacherInput,
+    TeacherOut,
+    methods,
+    parse_loss,
+)
 
 KEY = TeacherInput("layer3", "embedding")
 N, TAU, M = 20, 0.07, 0.5

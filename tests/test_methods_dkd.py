@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from logitcache.core.schedule import Progress
-from logitcache.student.methods import Batch, Context, StudentOut, TeacherOut, methods, parse_loss
+from logitcache.student.methods import (
+    Batch,
+    Context,
+    StudentOut,
+    TeacherOut,
+    methods,
+    parse_loss,
+)
 
 
 def _softmax64(x, t):

@@ -31,7 +31,7 @@ def test_gathered_ranks_average_to_the_single_process_gradient():
         w = torch.nn.Parameter(weight.clone())
         own = parts[rank] @ w
         everyone = [p @ weight for p in parts]  # what the other ranks send (detached by gather_batch)
-        loss = single_process_gradient(_relation_loss(gather_batch(own, 2, rank=rank, all_gather=lambda _: everyone)), 2)
+        loss = single_process_gradient(_relation_loss(gather_batch(own, 2, rank=rank, all_gather=lambda _, parts=everyone: parts)), 2)
         loss.backward()
         grads.append(w.grad)
         values.append(loss.item())

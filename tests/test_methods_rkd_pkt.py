@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from logitcache.core.schedule import Progress
-from logitcache.student.methods import Batch, Context, StudentOut, TeacherInput, TeacherOut, methods, parse_loss
+from logitcache.student.methods import (
+    Batch,
+    Context,
+    StudentOut,
+    TeacherInput,
+    TeacherOut,
+    methods,
+    parse_loss,
+)
 
 
 def _huber(x):

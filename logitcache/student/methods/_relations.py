@@ -11,7 +11,7 @@ the ranks equals the single-process gradient.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as torch_dist

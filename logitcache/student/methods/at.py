@@ -22,7 +22,13 @@ from pydantic import Field
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import attention_map
 from logitcache.core.schedule import NonNegative
-from logitcache.student.methods import Method, MethodConfig, Needs, TeacherInput, register
+from logitcache.student.methods import (
+    Method,
+    MethodConfig,
+    Needs,
+    TeacherInput,
+    register,
+)
 
 
 class ATConfig(MethodConfig):

@@ -38,7 +38,13 @@ from torch import nn
 
 from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative
-from logitcache.student.methods import Method, MethodConfig, Needs, TeacherInput, register
+from logitcache.student.methods import (
+    Method,
+    MethodConfig,
+    Needs,
+    TeacherInput,
+    register,
+)
 from logitcache.student.methods._relations import gather_batch
 
 EPS = 1e-7

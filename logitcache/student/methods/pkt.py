@@ -16,7 +16,13 @@ from pydantic import Field
 
 from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative
-from logitcache.student.methods import Method, MethodConfig, Needs, TeacherInput, register
+from logitcache.student.methods import (
+    Method,
+    MethodConfig,
+    Needs,
+    TeacherInput,
+    register,
+)
 from logitcache.student.methods._relations import gather_batch, single_process_gradient
 
 EPS = 1e-7

@@ -18,7 +18,13 @@ from pydantic import Field
 
 from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative, value_at
-from logitcache.student.methods import Method, MethodConfig, Needs, TeacherInput, register
+from logitcache.student.methods import (
+    Method,
+    MethodConfig,
+    Needs,
+    TeacherInput,
+    register,
+)
 from logitcache.student.methods._relations import gather_batch, single_process_gradient
 
 

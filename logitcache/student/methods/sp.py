@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from logitcache.core.schedule import NonNegative
-from logitcache.student.methods import Method, MethodConfig, Needs, TeacherInput, register
+from logitcache.student.methods import (
+    Method,
+    MethodConfig,
+    Needs,
+    TeacherInput,
+    register,
+)
 from logitcache.student.methods._relations import gather_batch, single_process_gradient
 
 
