@@ -262,19 +262,24 @@ def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
 
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Print the methods as JSON.")
-def methods_cmd(as_json) -> None:
+@click.option("--markdown", is_flag=True, help="Print the methods as the Markdown table of docs/methods.md.")
+def methods_cmd(as_json, markdown) -> None:
     """List every distillation method: its family, what it reads from the cache, and its keys.
 
     \b
     Example:
       logitcache methods
       logitcache methods --json
+      logitcache methods --markdown
     """
     import json
 
-    from logitcache.student.methods import describe, methods
+    from logitcache.student.methods import describe, markdown_table, methods
 
     info = [describe(cls) for cls in methods().values()]
+    if markdown:
+        click.echo(markdown_table(info), nl=False)
+        return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -174,3 +174,18 @@ def test_a_method_in_its_own_module_trains_end_to_end(data_cfg, cache_dir, tmp_p
     metrics = train_student(params, "s")
     history = json.loads((tmp_path / "s" / "history.json").read_text())
     assert metrics["mode"] == "logit_match" and history[0]["loss/logit_match.mse"] > 0
+
+
+@pytest.mark.slow
+def test_dkd_and_sp_train_end_to_end_from_the_cache(data_cfg, cache_dir, tmp_path):
+    from logitcache.student.train import train_student
+
+    params = validate({"data": data_cfg.model_dump(), "students": {"s": {
+        "model": "cnn_tiny", "epochs": 1, "batch_size": 64, "workers": 0, "labeled_fraction": 0.1,
+        "loss": {"dkd": {"warmup": 0}, "sp": {"pairs": [["block2", "layer2"]]}},
+        "caches": [str(cache_dir / "train.h5")], "test_cache": str(cache_dir / "test.h5"),
+        "out": str(tmp_path / "s")}}})
+    metrics = train_student(params, "s")
+    history = json.loads((tmp_path / "s" / "history.json").read_text())
+    assert metrics["mode"] == "dkd+sp"
+    assert history[0]["loss/dkd.nckd"] > 0 and history[0]["loss/sp"] > 0

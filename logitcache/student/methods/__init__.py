@@ -165,6 +165,20 @@ def describe(cls: type[Method]) -> dict[str, Any]:
             "reads": reads, "keys": keys}
 
 
+def markdown_table(described: list[dict[str, Any]]) -> str:
+    """The methods as a Markdown table (`logitcache methods --markdown`, committed in docs/methods.md)."""
+    lines = ["| method | family | reads from the cache | keys (default) |", "|---|---|---|---|"]
+    for m in described:
+        reads = ", ".join(f"`{r}`" for r in m["reads"]) or "student outputs only"
+        keys = ", ".join(f"`{k}` ({_cell(spec['default'])})" for k, spec in m["keys"].items())
+        lines.append(f"| `{m['name']}` | {m['family']} | {reads} | {keys} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
 def _example(cls: type[Method]) -> dict:
     """Settings that validate, to ask a method what it reads by default."""
     return {name: f.json_schema_extra["example"] for name, f in cls.Config.model_fields.items()
