@@ -324,6 +324,19 @@ def summarize_cmd(params, out) -> None:
     click.echo((Path(out) / "summary.md").read_text(), nl=False)
 
 
+@main.command("params-doc")
+def params_doc_cmd() -> None:
+    """Print the Markdown reference of every params.yaml key (type, default, description), as docs/params.md holds it.
+
+    \b
+    Example:
+      logitcache params-doc > docs/params.md
+    """
+    from logitcache.core.params_doc import render_params_doc
+
+    click.echo(render_params_doc(), nl=False)
+
+
 @main.command("models")
 def models_cmd() -> None:
     """List every model name the registry builds (small-image families, students, torchvision).

@@ -1,4 +1,4 @@
-"""Issue 6, reliability and security: every fault is injected for real and its outcome checked.
+"""Reliability and security: every fault is injected for real and its outcome checked.
 
 Outcome everywhere: one line `error: <what is wrong>; <what to do>`, exit code 2 through the
 CLI, no traceback without --debug, and nothing half-written (docs/reliability.md lists them).

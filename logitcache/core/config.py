@@ -53,8 +53,9 @@ def _file(path: str | None) -> str | None:
 class AugmentConfig(Section):
     """A replayable augmentation policy: crop offsets and flip, then optional transforms.v2 ops."""
 
-    crop_padding: int = Field(2, ge=0, le=64)
-    flip: bool = True
+    crop_padding: int = Field(2, ge=0, le=64, description="random crop after zero-padding each side by this many "
+                              "pixels (the image keeps its size); 0 = no crop")
+    flip: bool = Field(True, description="random horizontal flip")
     policy: list[dict[str, Any]] = Field(
         default_factory=list,
         description="extra torchvision.transforms.v2 ops on uint8 images, e.g. [{name: ColorJitter, brightness: 0.2}]",
@@ -73,10 +74,16 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: DatasetName = "fashion_mnist"
-    source: str | None = Field(None, description="raw files; None = the data set's default location")
-    root: str = Field("data/prepared", description="where prepare-data writes the arrays")
-    download: bool = False
+    """The data set: where its raw files are and where prepare-data writes the arrays every stage reads."""
+
+    dataset: DatasetName = Field("fashion_mnist", description="which data set; imagefolder reads "
+                                 "<source>/{train,test}/<class>/<image>")
+    source: str | None = Field(None, description="folder of the raw files; null = the data set's "
+                                             "default (Debian's /usr/share/datasets/fashion-mnist for fashion_mnist)")
+    root: str = Field("data/prepared", description="prepare-data writes <root>/<dataset>/; "
+                      "the other stages read the arrays there")
+    download: bool = Field(False, description="let torchvision download the raw files into source "
+                           "(fashion_mnist, cifar10, cifar100)")
     image_size: int = Field(32, ge=8, le=512, description="imagefolder only: images are resized to this")
     train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples")
     test_limit: int | None = Field(None, ge=1, description="keep only the first N test samples")
@@ -87,49 +94,58 @@ class DataConfig(Section):
 class TrainConfig(Section):
     """What teacher and student training share: model, optimiser, schedule, loader."""
 
-    model: str
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: AugmentConfig = AugmentConfig()
-    seed: int = Field(0, ge=0)
+    model: str = Field(description="architecture (logitcache models lists them)")
+    epochs: int = Field(ge=1, description="passes over the training rows")
+    batch_size: int = Field(128, ge=1, description="global batch: under torchrun each of N ranks takes batch_size / N")
+    lr: float = Field(0.1, gt=0, description="peak learning rate of SGD with Nesterov momentum")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="learning-rate schedule over "
+                                                                "every step of the run")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the teacher's cross-entropy "
+                                   "(students do not use it)")
+    augment: AugmentConfig = Field(AugmentConfig(), description="random augmentation of the training images")
+    seed: int = Field(0, ge=0, description="seed of initialisation, shuffling and augmentation")
     workers: int = Field(1, ge=0, description="DataLoader worker processes")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: str
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu")
+    out: str = Field(description="output folder")
 
     _check_model = field_validator("model")(_known_model)
     _check_out = field_validator("out")(_folder)
 
 
 class TeacherConfig(TrainConfig):
-    model: str = "resnet8"
-    epochs: int = Field(10, ge=1)
-    out: str = "data/teacher"
+    """Phase one's model, trained with labels: train-teacher writes <out>/teacher.pt and its metrics."""
+
+    model: str = Field("resnet8", description="teacher architecture (logitcache models lists them)")
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    out: str = Field("data/teacher", description="folder of teacher.pt, metrics.json, history.json, config.json "
+                     "and, while a run is unfinished, resume.pt")
 
 
 class DumpConfig(Section):
     """Phase one: which teacher, which views and layers, and how the HDF5 file is stored."""
 
     teacher: str = Field("data/teacher/teacher.pt", description="teacher checkpoint from train-teacher")
-    splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
-    views: int | Literal["all"] = Field(4, description="views per training sample; other splits use the evaluation view")
-    augment: AugmentConfig = AugmentConfig()
-    seed: int = Field(0, ge=0)
+    splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1, description="the splits to dump, "
+                                                   "one <out>/<split>.h5 each")
+    views: int | Literal["all"] = Field(4, description="views per training sample (view 0 is the evaluation view); "
+                                        "all = every crop/flip view; other splits use the evaluation view")
+    augment: AugmentConfig = Field(AugmentConfig(), description="how the training views are drawn")
+    seed: int = Field(0, ge=0, description="seed of the views' augmentation parameters")
     layers: list[str] = Field(["layer2"], description="teacher node names to cache (logitcache layers MODEL)")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
-    logits_dtype: Literal["float16", "float32"] = "float16"
+    logits_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the logits "
+                                                        "(float16 is checked for overflow)")
     topk: int | None = Field(None, ge=1, description="store only the k largest logits per view")
-    compression: Literal["none", "lzf", "gzip"] = "none"
+    compression: Literal["none", "lzf", "gzip"] = Field("none", description="HDF5 compression of the arrays "
+                                                        "(docs/benchmarks.md)")
     batch_size: int = Field(512, ge=1, description="images per teacher forward pass")
-    workers: int = Field(1, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=0, description="DataLoader worker processes that render the views")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu")
     amp: bool = Field(True, description="float16 autocast on CUDA when logits are stored as float16")
     out: str = Field("data/cache", description="folder of <split>.h5 files")
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace an existing complete cache (--overwrite)")
 
     _check_out = field_validator("out")(_folder)
     _check_teacher = field_validator("teacher")(_file)
@@ -150,9 +166,10 @@ class DumpConfig(Section):
 class StudentConfig(TrainConfig):
     """Phase two: a student trained against one or more caches (or plain CE)."""
 
-    model: str = "cnn_small"
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(0.05, gt=0)
+    model: str = Field("cnn_small", description="student architecture (logitcache models lists them)")
+    epochs: int = Field(10, ge=1, description="passes over the training rows: the labeled ones for ce, every cached "
+                        "one otherwise")
+    lr: float = Field(0.05, gt=0, description="peak learning rate of SGD with Nesterov momentum")
     loss: dict[str, dict[str, Any] | None] = Field(
         default_factory=lambda: {"kd": {}},
         description="distillation methods and their settings, e.g. {kd: {temperature: 4}, at: {pairs: [[block2, "
@@ -162,18 +179,24 @@ class StudentConfig(TrainConfig):
     test_cache: str | None = Field("data/cache/test.h5", description="test-split cache for agreement/KL metrics")
     teacher: str = Field("data/teacher/teacher.pt", description="teacher checkpoint, used only with --online")
     online: bool = Field(False, description="reference mode: compute the same targets with the live teacher")
-    view_sampling: Literal["random", "round_robin"] = "random"
+    view_sampling: Literal["random", "round_robin"] = Field("random", description="which cached view of each sample "
+                                                            "an epoch uses")
     augment: AugmentConfig | None = Field(None, description="random augmentation; with a cache only for 1-view caches "
                                           "and force_augment")
-    force_augment: bool = False
-    labeled_fraction: float = Field(1.0, gt=0, le=1)
+    force_augment: bool = Field(False, description="accept random augmentation on top of a 1-view cache (the "
+                                "teacher's targets then belong to other inputs)")
+    labeled_fraction: float = Field(1.0, gt=0, le=1, description="fraction of training rows whose labels CE uses; "
+                                    "distillation terms use every cached row")
     labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
     labels_seed: int = Field(0, ge=0, description="seed of the labeled subset, shared by every student seed")
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
     shuffle_block: int = Field(256, ge=1, description="each epoch shuffles blocks of this many consecutive rows "
                                "(1 = single rows); the same order whether the cache is read from RAM or disk")
-    seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
-    out: str = "data/students/default"
+    seeds: list[int] | None = Field(None, min_length=1, description="train once per seed "
+                                       "(all different), in <out>/runs/seed<N>/, with mean and std in <out>; null = "
+                                       "one run in <out> with seed")
+    out: str = Field("data/students/default", description="folder of student.pt, metrics.json, history.json and "
+                     "config.json; with seeds, each seed's run is in runs/seed<N>/ and metrics.json holds mean and std")
 
     _check_files = field_validator("labeled_indices", "teacher", "test_cache")(_file)
 
@@ -186,10 +209,11 @@ class StudentConfig(TrainConfig):
 
 
 class Params(Section):
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    dump: DumpConfig = DumpConfig()
-    students: dict[str, StudentConfig] = Field(default_factory=dict)
+    data: DataConfig = Field(DataConfig(), description="the data set (prepare-data; every stage reads it)")
+    teacher: TeacherConfig = Field(TeacherConfig(), description="the teacher (train-teacher)")
+    dump: DumpConfig = Field(DumpConfig(), description="the cache (dump-teacher)")
+    students: dict[str, StudentConfig] = Field(default_factory=dict, description="train-student NAME trains "
+                                               "students.NAME; a key left out takes the student default")
 
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
