@@ -1,3 +1,6 @@
+import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,21 +197,51 @@ def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
         assert len({tuple(p) for p in cache.view_params()[5]}) == 50
 
 
-def test_inspect_with_and_without_verify(data_cfg, teacher_ckpt, tmp_path):
-    params = dump_params(data_cfg, teacher_ckpt, tmp_path)
+def test_inspect_shows_every_form_and_verify_recomputes_each(data_cfg, teacher_ckpt, tmp_path):
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS)
     [path] = dump_teacher(params)
     runner = CliRunner()
     plain = runner.invoke(main, ["inspect", str(path)])
     assert plain.exit_code == 0, plain.output
     assert "resnet8" in plain.output and "complete" in plain.output and "bytes/sample" in plain.output
+    # 3 views x float16: attention 784 -> 4,704 bytes a sample; embedding 16 -> 96; map 32x2x2 -> 768
+    for layer, form, dataset, shape, size, setting in (
+            ("layer1", "attention", "attention/layer1", "(784,)", "4,704", "p=3"),
+            ("layer1", "embedding", "embedding/layer1", "(16,)", "96", ""),
+            ("layer2", "map", "features/layer2", "(32, 2, 2)", "768", "pooled to 2"),
+            ("layer2", "attention", "attention/layer2", "(196,)", "1,176", "p=2"),
+            ("layer2", "embedding", "embedding/layer2", "(32,)", "192", "")):
+        line = rf"^  {layer}\s+{form}\s+{dataset}\s+{re.escape(shape)}\s+{size}\s*{setting}$"
+        assert re.search(line, plain.output, re.MULTILINE), (line, plain.output)
+    assert re.search(r"^  views/code\s+\(600, 3\)\s+uint8\s+3 B/sample$", plain.output, re.MULTILINE), plain.output
     data_args = ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300"]
-    ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args, "--json"])
     assert ok.exit_code == 0, ok.output
-    assert "-> OK" in ok.output
-    with h5py.File(path, "r+") as f:  # tamper with rows, keeping checksums valid
+    assert set(json.loads(ok.output)["verify"]["cosine"]) == {"layer1:attention", "layer1:embedding", "layer2:map",
+                                                               "layer2:attention", "layer2:embedding"}
+    with h5py.File(path, "r+") as f:  # tamper with one form's rows, keeping checksums valid
+        f["attention/layer1"][:] = np.flip(f["attention/layer1"][:], axis=-1)
+    bad = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    assert bad.exit_code == 2 and "does not match its teacher: layer1:attention cosine" in bad.output
+    with h5py.File(path, "r+") as f:
         f["logits"][:] = f["logits"][:] + np.float16(1.0)
     bad = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
-    assert bad.exit_code == 2 and "does not match its teacher" in bad.output
+    assert bad.exit_code == 2 and "does not match its teacher: max |Δlogit|" in bad.output
+
+
+def test_a_version_1_cache_is_refused_with_a_redump_message(cache_dir, tmp_path):
+    path = tmp_path / "train.h5"
+    shutil.copy(cache_dir / "train.h5", path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = "1"
+    with pytest.raises(LogitcacheError) as e:
+        Cache(path)
+    message = str(e.value)
+    assert "\n" not in message and "cache schema version 1, this logitcache reads 2 (since version 2, layers are " \
+        "stored in chosen forms (map, attention, embedding) and views as one small crop/flip code each); " \
+        "re-dump it with logitcache" in message
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2 and "cache schema version 1" in result.output
 
 
 def _content(path):
