@@ -189,7 +189,14 @@ def _format_summary(info: dict) -> str:
              f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
              f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
     for name, spec in info["arrays"].items():
-        lines.append(f"  {name:<28} {str(tuple(spec['shape'])):<22} {spec['dtype']}")
+        lines.append(f"  {name:<28} {str(tuple(spec['shape'])):<22} {spec['dtype']:<8} {spec['bytes_per_sample']:>7,} B/sample")
+    if info["forms"]:
+        lines.append("layers     form        dataset                 shape per view   bytes/sample")
+    for form in info["forms"]:
+        setting = f"pooled to {form['pooled_to'] or 'whole'}" if form["form"] == "map" \
+            else f"p={form['p']:g}" if form["form"] == "attention" else ""
+        lines.append(f"  {form['layer']:<8} {form['form']:<11} {form['dataset']:<23} {str(tuple(form['shape'])):<16} "
+                     f"{form['bytes_per_sample'] or 0:>12,}  {setting}".rstrip())
     if info.get("teacher_accuracy"):
         lines.append(f"teacher accuracy from cached logits: {info['teacher_accuracy']}")
     if "verify" in info:

@@ -1,3 +1,6 @@
+import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,13 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from logitcache.cache.format import open_cache
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from logitcache.cache.format import form_dataset, open_cache
 from logitcache.cache.reader import Cache
 from logitcache.cli import main
 from logitcache.core.config import validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher
+from logitcache.core.features import FeatureTaker, load_teacher, stored_form
 from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
 from logitcache.teacher.dump import dump_teacher
 
@@ -26,25 +31,61 @@ def dump_params(data_cfg, teacher_ckpt, out, **dump):
     return validate({"data": data_cfg.model_dump(), "dump": settings})
 
 
+FORMS = [{"name": "layer1", "forms": ["attention", "embedding"], "p": 3},
+         {"name": "layer2", "forms": ["map", "attention", "embedding"]}]
+
+
+def _forms_float64(feature: torch.Tensor, pool: int, p: float) -> dict[str, np.ndarray]:
+    """The three stored forms of one layer's output, written out in float64 and rounded to float16 as stored."""
+    f = feature.double()
+    n, c, h, w = f.shape
+    blocks = f.reshape(n, c, pool, h // pool, pool, w // pool)  # the maps here divide evenly: plain block means
+    attention = f.abs().pow(p).mean(dim=1).reshape(n, h * w)
+    forms = {"map": blocks.mean(dim=(3, 5)), "attention": attention / attention.norm(dim=1, keepdim=True),
+             "embedding": f.mean(dim=(2, 3))}
+    return {form: value.numpy().astype(np.float16) for form, value in forms.items()}
+
+
+def _within_one_float16_step(stored: np.ndarray, expected: np.ndarray) -> bool:
+    """Equal up to the rounding of the last float16 step (the test's float64 path may round the other way)."""
+    gap = np.abs(stored.astype(np.float64) - expected.astype(np.float64))
+    return bool((gap <= np.spacing(np.abs(expected)).astype(np.float64)).all())
+
+
 def test_round_trip_rows_equal_independently_recomputed_teacher_outputs(data_cfg, teacher_ckpt, tmp_path):
-    params = dump_params(data_cfg, teacher_ckpt, tmp_path)
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS)
     [path] = dump_teacher(params)
     f, meta = open_cache(path)
     assert meta["views"]["count"] == 3 and meta["dataset"]["count"] == 600
-    assert meta["layers"] == [{"name": "layer2", "shape": [32, 2, 2], "dtype": "float16", "pooled_to": 2,
-                               "activation": "after"}]
+    assert meta["layers"] == [
+        {"name": "layer1", "activation": "after",
+         "forms": {"attention": {"shape": [784], "p": 3.0}, "embedding": {"shape": [16]}}},
+        {"name": "layer2", "activation": "after",
+         "forms": {"map": {"shape": [32, 2, 2], "pooled_to": 2}, "attention": {"shape": [196], "p": 2.0},
+                   "embedding": {"shape": [32]}}}]
     assert f["logits"].dtype == np.float16 and f["logits"].fletcher32 and f["logits"].chunks[1:] == (3, 10)
+    assert {name: (f[name].shape, f[name].dtype) for name in ("attention/layer1", "embedding/layer1", "features/layer2",
+                                                               "attention/layer2", "embedding/layer2")} == {
+        "attention/layer1": ((600, 3, 784), np.float16), "embedding/layer1": ((600, 3, 16), np.float16),
+        "features/layer2": ((600, 3, 32, 2, 2), np.float16), "attention/layer2": ((600, 3, 196), np.float16),
+        "embedding/layer2": ((600, 3, 32), np.float16)}
+    assert "features/layer1" not in f  # only the forms asked for
     split = load_split(data_cfg, "train")
     teacher = load_teacher(teacher_ckpt)
     rows = np.array([0, 17, 599])
+    with Cache(path) as cache:
+        vparams = cache.view_params()
     render = ViewRenderer(ViewSpec(2, True))
-    images = torch.stack([render(split.images[i], p) for i in rows for p in f["views/params"][i]])
+    images = torch.stack([render(split.images[i], p) for i in rows for p in vparams[i]])
+    extractor = create_feature_extractor(teacher.model.eval(), {"layer1": "layer1", "layer2": "layer2", "fc": "logits"})
     with torch.inference_mode():
-        logits = teacher.model(normalizer(split.mean, split.std)(images)).reshape(3, 3, 10)
-        feats = torch.nn.functional.adaptive_avg_pool2d(
-            FeatureTaker(teacher.model, ["layer2"])(normalizer(split.mean, split.std)(images))["layer2"], 2)
-    assert np.allclose(f["logits"][rows], logits.numpy(), atol=2e-2, rtol=2e-3)
-    assert np.allclose(f["features/layer2"][rows], feats.reshape(3, 3, 32, 2, 2).numpy(), atol=2e-2, rtol=2e-3)
+        out = extractor(normalizer(split.mean, split.std)(images))
+    assert np.allclose(f["logits"][rows], out["logits"].reshape(3, 3, 10).numpy(), atol=2e-2, rtol=2e-3)
+    for layer, pool, p in (("layer1", 1, 3.0), ("layer2", 2, 2.0)):
+        expected = _forms_float64(out[layer], pool, p)
+        for form in meta["layers"][0 if layer == "layer1" else 1]["forms"]:
+            stored = f[{"map": "features", "attention": "attention", "embedding": "embedding"}[form] + "/" + layer][rows]
+            assert _within_one_float16_step(stored, expected[form].reshape(stored.shape)), (layer, form)
     assert np.array_equal(f["index"][:], np.arange(600))
     assert np.array_equal(f["labels"][:], split.labels.numpy())
     f.close()
@@ -70,6 +111,20 @@ def test_recorded_teacher_accuracy_equals_a_forward_pass_over_every_row(data_cfg
     assert recorded["eval_view"] == _accuracy(plain, split.labels)
     assert recorded["all_views"] == _accuracy(every, split.labels[:, None])
     assert 0.3 < recorded["eval_view"] < 1  # a trained teacher, not a constant: the comparison above means something
+
+
+def test_every_stored_form_is_what_stored_form_returns_to_the_bit(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
+    """--online and inspect --verify recompute rows with `stored_form`: the dump must have written exactly that."""
+    seen = []
+    original = FeatureTaker.forward
+    monkeypatch.setattr(FeatureTaker, "forward", lambda self, x: seen.append(original(self, x)) or seen[-1])
+    [path] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS, views=2))
+    with Cache(path) as cache:
+        for layer, record in cache.layers.items():
+            for form in record["forms"]:
+                fresh = torch.cat([stored_form(out[layer].float(), form, record) for out in seen[1:]])
+                stored = torch.from_numpy(cache.read(form_dataset(layer, form)))
+                assert torch.equal(stored.flatten(0, 1), fresh), (layer, form)
 
 
 def test_replayed_view_is_bit_identical_to_the_dumped_input(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
@@ -172,21 +227,51 @@ def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
         assert len({tuple(p) for p in cache.view_params()[5]}) == 50
 
 
-def test_inspect_with_and_without_verify(data_cfg, teacher_ckpt, tmp_path):
-    params = dump_params(data_cfg, teacher_ckpt, tmp_path)
+def test_inspect_shows_every_form_and_verify_recomputes_each(data_cfg, teacher_ckpt, tmp_path):
+    params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS)
     [path] = dump_teacher(params)
     runner = CliRunner()
     plain = runner.invoke(main, ["inspect", str(path)])
     assert plain.exit_code == 0, plain.output
     assert "resnet8" in plain.output and "complete" in plain.output and "bytes/sample" in plain.output
+    # 3 views x float16: attention 784 -> 4,704 bytes a sample; embedding 16 -> 96; map 32x2x2 -> 768
+    for layer, form, dataset, shape, size, setting in (
+            ("layer1", "attention", "attention/layer1", "(784,)", "4,704", "p=3"),
+            ("layer1", "embedding", "embedding/layer1", "(16,)", "96", ""),
+            ("layer2", "map", "features/layer2", "(32, 2, 2)", "768", "pooled to 2"),
+            ("layer2", "attention", "attention/layer2", "(196,)", "1,176", "p=2"),
+            ("layer2", "embedding", "embedding/layer2", "(32,)", "192", "")):
+        line = rf"^  {layer}\s+{form}\s+{dataset}\s+{re.escape(shape)}\s+{size}\s*{setting}$"
+        assert re.search(line, plain.output, re.MULTILINE), (line, plain.output)
+    assert re.search(r"^  views/code\s+\(600, 3\)\s+uint8\s+3 B/sample$", plain.output, re.MULTILINE), plain.output
     data_args = ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300"]
-    ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args, "--json"])
     assert ok.exit_code == 0, ok.output
-    assert "-> OK" in ok.output
-    with h5py.File(path, "r+") as f:  # tamper with rows, keeping checksums valid
+    assert set(json.loads(ok.output)["verify"]["cosine"]) == {"layer1:attention", "layer1:embedding", "layer2:map",
+                                                               "layer2:attention", "layer2:embedding"}
+    with h5py.File(path, "r+") as f:  # tamper with one form's rows, keeping checksums valid
+        f["attention/layer1"][:] = np.flip(f["attention/layer1"][:], axis=-1)
+    bad = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
+    assert bad.exit_code == 2 and "does not match its teacher: layer1:attention cosine" in bad.output
+    with h5py.File(path, "r+") as f:
         f["logits"][:] = f["logits"][:] + np.float16(1.0)
     bad = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args])
-    assert bad.exit_code == 2 and "does not match its teacher" in bad.output
+    assert bad.exit_code == 2 and "does not match its teacher: max |Δlogit|" in bad.output
+
+
+def test_a_version_1_cache_is_refused_with_a_redump_message(cache_dir, tmp_path):
+    path = tmp_path / "train.h5"
+    shutil.copy(cache_dir / "train.h5", path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = "1"
+    with pytest.raises(LogitcacheError) as e:
+        Cache(path)
+    message = str(e.value)
+    assert "\n" not in message and "cache schema version 1, this logitcache reads 2 (since version 2, layers are " \
+        "stored in chosen forms (map, attention, embedding) and views as one small crop/flip code each); " \
+        "re-dump it with logitcache" in message
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2 and "cache schema version 1" in result.output
 
 
 def _content(path):

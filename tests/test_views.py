@@ -4,7 +4,8 @@ import torch
 
 from logitcache.core.config import AugmentConfig
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import EVAL_SEED, ViewRenderer, ViewSpec, eval_view, view_params
+from logitcache.core.views import (EVAL_SEED, ViewRenderer, ViewSpec, crop_flip_codes, eval_view, params_from_codes,
+                                   render_batch, view_params)
 
 SPEC = ViewSpec(padding=2, flip=True)
 
@@ -71,3 +72,34 @@ def test_batch_rendering_equals_per_image_rendering_bit_for_bit():
         render = ViewRenderer(spec)
         expected = torch.stack([render(img, p) for img, p in zip(images, params)])
         assert torch.equal(render_batch(render, images, params), expected)
+
+
+POLICY = ({"name": "ColorJitter", "brightness": 0.5},)
+
+
+@pytest.mark.parametrize("spec, views, mode", [
+    (ViewSpec(2, True), 5, "random"), (ViewSpec(2, True, POLICY), 5, "random"), (ViewSpec(2, True), "all", "all"),
+    (ViewSpec(4, True), "all", "all"), (ViewSpec(3, False, POLICY), 1, "eval"), (ViewSpec(11, True, POLICY), 3, "random"),
+    (ViewSpec(0, False), 1, "eval")])
+def test_stored_codes_give_back_every_view_parameter_exactly(spec, views, mode):
+    params = view_params(spec, 9, np.arange(300), views)
+    codes = crop_flip_codes(params, spec)
+    assert codes.shape == params.shape[:2]
+    # one byte a view (down from four int64, 32 bytes) while the codes fit, two beyond 256 of them
+    assert codes.dtype == (np.uint8 if (2 * spec.padding + 1) ** 2 * 2 <= 256 else np.uint16)
+    assert codes.nbytes == params[..., 0].size * codes.dtype.itemsize <= params.nbytes // 16
+    side = 2 * spec.padding + 1
+    assert np.array_equal(codes, (params[..., 1] * side + params[..., 2]) * 2 + params[..., 3])
+    assert np.array_equal(params_from_codes(codes, spec, 9, mode), params)
+
+
+def test_derived_seeds_replay_the_policy_bit_identically():
+    spec = ViewSpec(2, True, POLICY)
+    params = view_params(spec, 4, np.arange(30), 3)
+    replayed = params_from_codes(crop_flip_codes(params, spec), spec, 4, "random")
+    images = torch.randint(0, 256, (30, 1, 12, 12), dtype=torch.uint8)
+    render = ViewRenderer(spec)
+    for v in range(3):
+        assert torch.equal(render_batch(render, images, replayed[:, v]), render_batch(render, images, params[:, v]))
+    other = params_from_codes(crop_flip_codes(params, spec), spec, 5, "random")  # another dump seed: other policies
+    assert not torch.equal(render_batch(render, images, other[:, 1]), render_batch(render, images, params[:, 1]))

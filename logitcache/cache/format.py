@@ -15,18 +15,21 @@ from logitcache import __version__
 from logitcache.core.errors import LogitcacheError
 
 FORMAT_NAME = "logitcache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_CHANGES = {2: "layers are stored in chosen forms (map, attention, embedding) and views as one small "
+                     "crop/flip code each"}
 JSON_ATTRS = ("format", "schema_version", "logitcache_version", "teacher", "dataset", "transform",
               "views", "dtypes", "layers", "topk", "teacher_accuracy", "complete")
-REQUIRED_DATASETS = ("index", "labels", "views/params")
+REQUIRED_DATASETS = ("index", "labels", "views/code")
 ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channels"),
              "dataset": ("name", "split", "count", "fingerprint"),
              "transform": ("normalize.mean", "normalize.std", "augment"),
              "views": ("count", "mode", "seed", "eval_view"), "dtypes": ("logits",)}
+FORM_KEYS = {"map": ("shape", "pooled_to"), "attention": ("shape", "p"), "embedding": ("shape",)}
 FLOAT16_MAX = 65504.0
 
 
-FORM_GROUPS = {"map": "features", "attention": "attention", "embedding": "embedding"}
+FORM_GROUPS = {"map": "features", "attention": "attention", "embedding": "embedding"}  # form -> HDF5 group
 
 
 def form_dataset(layer: str, form: str) -> str:
@@ -36,12 +39,8 @@ def form_dataset(layer: str, form: str) -> str:
 
 def stored_forms(meta: dict) -> dict[tuple[str, str], tuple[int, ...]]:
     """(layer, form) -> the shape of one (sample, view), for every layer and form the cache stores."""
-    out = {}
-    for layer in meta["layers"]:
-        forms = layer.get("forms") or {"map": {"shape": layer["shape"]}}
-        for form, info in forms.items():
-            out[(layer["name"], form)] = tuple(info["shape"])
-    return out
+    return {(layer["name"], form): tuple(info["shape"]) for layer in meta["layers"]
+            for form, info in layer["forms"].items()}
 
 
 def set_attr(f: h5py.File, name: str, value) -> None:
@@ -64,14 +63,16 @@ def read_metadata(f: h5py.File, path: str | Path) -> dict:
         raise LogitcacheError(f"{path}: not a logitcache cache (format attribute is wrong); give a file from dump-teacher")
     version = get_attr(f, "schema_version", path)
     if version != SCHEMA_VERSION:
-        raise LogitcacheError(f"{path}: cache schema version {version}, this logitcache reads {SCHEMA_VERSION}; "
-                              f"re-dump it with logitcache {__version__}")
+        changed = f" (since version {SCHEMA_VERSION}, {SCHEMA_CHANGES[SCHEMA_VERSION]})" \
+            if isinstance(version, int) and version < SCHEMA_VERSION else ""
+        raise LogitcacheError(f"{path}: cache schema version {version}, this logitcache reads {SCHEMA_VERSION}"
+                              f"{changed}; re-dump it with logitcache {__version__}")
     meta = {name: get_attr(f, name, path) for name in JSON_ATTRS}
     _check_structure(meta, path)
     if meta["complete"] is not True:
         raise LogitcacheError(f"{path}: cache is incomplete (the dump did not finish); rerun dump-teacher to resume it")
     expected = [*REQUIRED_DATASETS, *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
-                *(f"features/{layer['name']}" for layer in meta["layers"])]
+                *(form_dataset(layer, form) for layer, form in stored_forms(meta))]
     missing = [name for name in expected if name not in f]
     if missing:
         raise LogitcacheError(f"{path}: dataset(s) {', '.join(missing)} missing; the file is damaged, re-dump it")
@@ -85,9 +86,19 @@ def _check_structure(meta: dict, path: str | Path) -> None:
         if missing:
             raise LogitcacheError(f"{path}: attribute '{name}' lacks {', '.join(missing)}; the file is damaged, re-dump it")
     layers = meta["layers"]
-    if not isinstance(layers, list) or not all(isinstance(x, dict) and {"name", "shape", "pooled_to"} <= x.keys()
-                                               for x in layers):
-        raise LogitcacheError(f"{path}: attribute 'layers' is not a list of layer records; the file is damaged, re-dump it")
+    if not isinstance(layers, list) or not all(_is_layer_record(x) for x in layers):
+        raise LogitcacheError(f"{path}: attribute 'layers' is not a list of layer records "
+                              "({name, activation, forms}); the file is damaged, re-dump it")
+
+
+def _is_layer_record(layer) -> bool:
+    """{name, activation, forms: {form: {shape, ...}}} with at least one known form, each with its keys."""
+    if not isinstance(layer, dict) or not {"name", "activation", "forms"} <= layer.keys():
+        return False
+    forms = layer["forms"]
+    return isinstance(forms, dict) and bool(forms) and all(
+        form in FORM_KEYS and isinstance(info, dict) and set(FORM_KEYS[form]) <= info.keys()
+        and isinstance(info["shape"], list) for form, info in forms.items())
 
 
 def _has(value, keys: list[str]) -> bool:

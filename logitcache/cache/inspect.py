@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from logitcache.cache.format import open_h5, read_metadata
+from logitcache.cache.format import form_dataset, open_h5, read_metadata
 from logitcache.cache.reader import Cache
 from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher, pool_feature
+from logitcache.core.features import FeatureTaker, load_teacher, stored_form
 from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
 
 
@@ -33,9 +33,30 @@ def describe(path: str | Path) -> dict:
     size = path.stat().st_size
     return {"path": str(path), "complete": attrs.get("complete") is True, "teacher": attrs.get("teacher"),
             "dataset": attrs.get("dataset"), "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
+            "forms": _forms(attrs.get("layers"), arrays),
             "topk": attrs.get("topk"), "teacher_accuracy": attrs.get("teacher_accuracy"),
-            "rows_done": attrs.get("rows_done"), "arrays": {k: {"shape": list(s), "dtype": d} for k, (s, d) in arrays.items()},
+            "rows_done": attrs.get("rows_done"),
+            "arrays": {k: {"shape": list(s), "dtype": d, "bytes_per_sample": _row_bytes(s, d)}
+                       for k, (s, d) in arrays.items()},
             "bytes": size, "bytes_per_sample": size / n if n else None}
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """What one sample (all its views) costs in an array, uncompressed."""
+    return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _forms(layers, arrays: dict) -> list[dict]:
+    """Every stored form of every layer: its dataset, the shape of one view and the bytes of one sample."""
+    out = []
+    for layer in layers if isinstance(layers, list) else []:
+        for form, info in (layer.get("forms") or {}).items() if isinstance(layer, dict) else ():
+            name = form_dataset(layer["name"], form)
+            shape, dtype = arrays.get(name, ((), "float16"))
+            out.append({"layer": layer["name"], "form": form, "dataset": name, "shape": info.get("shape"),
+                        "bytes_per_sample": _row_bytes(shape, dtype) if name in arrays else None,
+                        **{k: v for k, v in info.items() if k != "shape"}})
+    return out
 
 
 def _json(value):
@@ -47,8 +68,8 @@ def _json(value):
 
 def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples: int = 64, seed: int = 0,
            atol: float = 0.05, min_cosine: float = 0.999) -> dict:
-    """Check every chunk's checksum, then recompute random (sample, view) rows with the teacher and compare;
-    raises on damage or beyond tolerance."""
+    """Check every chunk's checksum, then recompute random (sample, view) rows with the teacher and compare
+    the logits and every stored form of every layer (through `stored_form`); raises on damage or beyond tolerance."""
     with Cache(path) as cache:
         cache.verify_checksums()
         teacher = load_teacher(teacher_path)
@@ -78,9 +99,11 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         kl = F.kl_div(F.log_softmax(cached, -1), F.log_softmax(live, -1), log_target=True, reduction="batchmean").item()
         report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1": kl, "cosine": {}}
         for name, layer in cache.layers.items():
-            stored = torch.from_numpy(cache.read(f"features/{name}", rows)[np.arange(len(rows)), views]).float()
-            fresh = pool_feature(out[name].float(), layer["pooled_to"] or 0)
-            report["cosine"][name] = F.cosine_similarity(stored.flatten(1), fresh.flatten(1), dim=1).min().item()
+            for form in layer["forms"]:
+                stored = torch.from_numpy(cache.read(form_dataset(name, form), rows)[np.arange(len(rows)), views])
+                fresh = stored_form(out[name].float(), form, layer)
+                report["cosine"][f"{name}:{form}"] = F.cosine_similarity(
+                    stored.float().flatten(1), fresh.float().flatten(1), dim=1).min().item()
     bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if max_diff > atol else []
     bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]
     report["ok"] = not bad

@@ -11,6 +11,7 @@ import torch
 from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows
 from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.views import ViewSpec, params_from_codes
 
 
 def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -77,7 +78,11 @@ class Cache:
                 pass
 
     def view_params(self) -> np.ndarray:
-        return self.read("views/params")
+        """(N, V, 4) int64 `(seed, top, left, flip)` of every view, for `ViewRenderer` / `render_batch`: the stored
+        crop/flip codes, with each view's policy seed derived again from the dump's seed."""
+        views = self.meta["views"]
+        return params_from_codes(self.read("views/code"), ViewSpec.from_json(self.meta["transform"]["augment"]),
+                                 views["seed"], views["mode"])
 
     def logits(self, selection=slice(None)) -> torch.Tensor:
         """Float32 logits (rows, V, C); top-k caches are expanded by `logits_from_topk`."""

@@ -123,6 +123,29 @@ class TeacherConfig(TrainConfig):
                      "and, while a run is unfinished, resume.pt")
 
 
+Form = Literal["map", "attention", "embedding"]
+
+
+class LayerSpec(Section):
+    """One teacher layer to cache, and the forms it is stored in (see docs/cache-format.md)."""
+
+    name: str = Field(description="teacher node name (logitcache layers MODEL)")
+    forms: list[Form] = Field(["map"], min_length=1,
+                              description="map: the feature map pooled to `pool`; attention: AT's attention map "
+                                          "(channel-mean of |f|^p at full resolution, L2-normalised); embedding: "
+                                          "the globally average-pooled vector")
+    pool: int | None = Field(None, ge=0, description="map form: adaptive-average-pool to this side (0 keeps the map "
+                                                     "whole); default dump.feature_pool")
+    p: float = Field(2.0, gt=0, description="attention form: the exponent of |f|^p")
+
+    @field_validator("forms")
+    @classmethod
+    def _distinct_forms(cls, forms: list[str]) -> list[str]:
+        if len(set(forms)) != len(forms):
+            raise ValueError("a form is listed twice; list each of map, attention, embedding at most once")
+        return forms
+
+
 class DumpConfig(Section):
     """Phase one: which teacher, which views and layers, and how the HDF5 file is stored."""
 
@@ -133,7 +156,9 @@ class DumpConfig(Section):
                                         "all = every crop/flip view; other splits use the evaluation view")
     augment: AugmentConfig = Field(AugmentConfig(), description="how the training views are drawn")
     seed: int = Field(0, ge=0, description="seed of the views' augmentation parameters")
-    layers: list[str] = Field(["layer2"], description="teacher node names to cache (logitcache layers MODEL)")
+    layers: list[LayerSpec] = Field(
+        ["layer2"], description="teacher layers to cache: a node name (logitcache layers MODEL), stored as a map "
+                                "pooled to feature_pool, or {name, forms: [map, attention, embedding], pool, p}")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
     logits_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the logits "
                                                         "(float16 is checked for overflow)")
@@ -152,8 +177,26 @@ class DumpConfig(Section):
 
     @field_validator("layers", mode="before")
     @classmethod
-    def _comma_separated(cls, layers):
-        return [name.strip() for name in layers.split(",") if name.strip()] if isinstance(layers, str) else layers
+    def _names_are_map_layers(cls, layers):
+        """`layer2,layer3` (the --layers flag) or a list; a bare name is that layer's map form."""
+        if isinstance(layers, str):
+            layers = [name.strip() for name in layers.split(",") if name.strip()]
+        return [{"name": layer} if isinstance(layer, str) else layer for layer in layers] \
+            if isinstance(layers, list) else layers
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, layers):
+        names = [layer.name for layer in layers]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"layer(s) {', '.join(twice)} listed twice; list each layer once with all its forms")
+        return layers
+
+    def layer_specs(self) -> list[LayerSpec]:
+        """Every entry of `layers` as a LayerSpec, its map pooling resolved (`pool` defaults to feature_pool)."""
+        return [spec.model_copy(update={"pool": self.feature_pool if spec.pool is None else spec.pool})
+                for spec in self.layers]
 
     @field_validator("views")
     @classmethod

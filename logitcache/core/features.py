@@ -89,14 +89,14 @@ def embedding(t: torch.Tensor) -> torch.Tensor:
 def stored_form(t: torch.Tensor, form: str, layer: dict) -> torch.Tensor:
     """A layer's output in one stored form, rounded to float16 as the cache holds it.
 
-    `layer` is the layer's record in the cache metadata (its pooling and attention exponent).
-    The dump writes exactly this, and `--online` and `inspect --verify` recompute it.
+    `layer` is the layer's record in the cache metadata: `forms.map.pooled_to` (null keeps the map whole) and
+    `forms.attention.p`. The dump writes exactly this, and `--online` and `inspect --verify` recompute it.
     """
-    forms = layer.get("forms") or {"map": {"pooled_to": layer.get("pooled_to")}}
+    forms = layer["forms"]
     if form == "map":
-        out = pool_feature(t, forms["map"].get("pooled_to") or 0)
+        out = pool_feature(t, forms["map"]["pooled_to"] or 0)
     elif form == "attention":
-        out = attention_map(t, forms["attention"].get("p", 2.0))
+        out = attention_map(t, forms["attention"]["p"])
     elif form == "embedding":
         out = embedding(t)
     else:

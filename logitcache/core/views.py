@@ -3,8 +3,9 @@
 A view of sample i is fixed by four integers, `(seed, top, left, flip)`: a crop
 offset into the zero-padded image, a horizontal flip, and the seed of any extra
 transforms.v2 policy (-1: no policy, as in the evaluation view). They are derived from (run seed, sample index, view number)
-by a counter-based hash, stored in the cache, and `render_view` turns them back
-into the exact uint8 input the teacher saw.
+by a counter-based hash. The cache stores one small integer per view, the crop and flip
+(`crop_flip_codes`); the seed is derived again on reading (`params_from_codes`), and
+`ViewRenderer` turns the four back into the exact uint8 input the teacher saw.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def _hash(seed: int, index: np.ndarray, view: np.ndarray, salt: int) -> np.ndarr
     return h
 
 
+def _policy_seeds(seed: int, indices: np.ndarray, views: int) -> np.ndarray:
+    """The policy seed of views 0..views-1 of each sample; view 0, the evaluation view, has none."""
+    n = len(indices)
+    idx = np.repeat(indices[:, None], views, axis=1)
+    vv = np.broadcast_to(np.arange(views), (n, views))
+    seeds = (_hash(seed, idx, vv, 0) >> np.uint64(1)).astype(np.int64)
+    seeds[:, 0] = EVAL_SEED
+    return seeds
+
+
 def view_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: int | str) -> np.ndarray:
     """Parameters of every (sample, view): int64 array (len(indices), V, 4) over PARAM_FIELDS.
 
@@ -115,13 +126,37 @@ def view_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: int | str
     vv = np.broadcast_to(np.arange(views), (n, views))
     side = np.uint64(2 * spec.padding + 1)
     params = np.stack([
-        (_hash(seed, idx, vv, 0) >> np.uint64(1)).astype(np.int64),
+        _policy_seeds(seed, indices, views),
         (_hash(seed, idx, vv, 1) % side).astype(np.int64),
         (_hash(seed, idx, vv, 2) % side).astype(np.int64),
         (_hash(seed, idx, vv, 3) % np.uint64(2)).astype(np.int64) if spec.flip else np.zeros((n, views), dtype=np.int64),
     ], axis=-1)
     params[:, 0] = [EVAL_SEED, spec.padding, spec.padding, 0]
     return params
+
+
+def code_dtype(spec: ViewSpec) -> str:
+    """The smallest unsigned dtype that holds every crop/flip code of this policy."""
+    codes = (2 * spec.padding + 1) ** 2 * 2
+    return "uint8" if codes <= 2**8 else "uint16" if codes <= 2**16 else "uint32"
+
+
+def crop_flip_codes(params: np.ndarray, spec: ViewSpec) -> np.ndarray:
+    """(N, V, 4) view parameters -> (N, V) codes `(top * (2 * padding + 1) + left) * 2 + flip`, the part of a
+    view that the cache stores (the seed is derived from the dump's seed, the sample and the view number)."""
+    side = 2 * spec.padding + 1
+    return ((params[..., 1] * side + params[..., 2]) * 2 + params[..., 3]).astype(code_dtype(spec))
+
+
+def params_from_codes(codes: np.ndarray, spec: ViewSpec, seed: int, mode: str) -> np.ndarray:
+    """The inverse of `crop_flip_codes` for views 0..V-1 of samples 0..N-1 of a dump with this seed and view mode:
+    (N, V, 4) int64 parameters equal to the ones the dump rendered."""
+    side = 2 * spec.padding + 1
+    codes = codes.astype(np.int64)
+    n, views = codes.shape
+    seeds = _policy_seeds(seed, np.arange(n, dtype=np.int64), views) if mode == "random" \
+        else np.full((n, views), EVAL_SEED, dtype=np.int64)
+    return np.stack([seeds, codes // 2 // side, codes // 2 % side, codes % 2], axis=-1)
 
 
 def eval_view(params: np.ndarray, spec: ViewSpec) -> int | None:

@@ -14,16 +14,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from logitcache import __version__
-from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, read_blocks
+from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
 from logitcache.core import interrupt
-from logitcache.core.config import DumpConfig, Params
+from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, pool_feature
+from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
-from logitcache.core.views import PARAM_FIELDS, ViewRenderer, ViewSpec, eval_view, normalizer, render_batch, view_params
+from logitcache.core.views import (ViewRenderer, ViewSpec, code_dtype, crop_flip_codes, eval_view, normalizer,
+                                   render_batch, view_params)
 from logitcache.teacher import shards
 from logitcache.teacher.writer import BackgroundWriter, CacheWriter, refuse_existing
 
@@ -66,6 +67,7 @@ class SplitJob:
     split: Split
     dataset: ViewDataset
     vparams: np.ndarray
+    codes: np.ndarray
     taker: FeatureTaker
     prepare: Callable
     device: torch.device
@@ -92,17 +94,17 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
-    v = vparams.shape[1]
-    taker = place(FeatureTaker(teacher.model, cfg.layers), device).eval()
+    specs = cfg.layer_specs()
+    taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()
     prepare = normalizer(split.mean, split.std)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
-    shapes = _probe_shapes(taker, split, prepare, device, cfg.feature_pool)
-    arrays = _layout(cfg, shapes, v)
-    record = _metadata(cfg, teacher, split, spec, vparams, shapes, taker)
+    layers, classes = _layer_records(taker, specs, split, prepare, device)
+    record = _metadata(cfg, teacher, split, spec, vparams, layers)
+    arrays = _layout(cfg, record, classes, spec)
     run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
                                          "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
-    return SplitJob(cfg, split, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, taker, prepare, device, amp,
-                    arrays, record, run_key, cache_path(cfg, split_name))
+    return SplitJob(cfg, split, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, crop_flip_codes(vparams, spec),
+                    taker, prepare, device, amp, arrays, record, run_key, cache_path(cfg, split_name))
 
 
 def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = Dist.single()) -> Path:
@@ -201,25 +203,36 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
 
 
 @torch.inference_mode()
-def _probe_shapes(taker: FeatureTaker, split: Split, prepare, device, pool: int) -> dict[str, tuple[int, ...]]:
+def _layer_records(taker: FeatureTaker, specs: list[LayerSpec], split: Split, prepare, device) -> tuple[list[dict], int]:
+    """Each layer's metadata record (activation side, stored forms with their shapes) and the class count,
+    probed with a forward pass of two samples through `stored_form`, the function that computes every row."""
     out = taker(prepare(split.images[:2].to(device)))
-    return {name: tuple(pool_feature(t, pool).shape[1:]) for name, t in out.items()}
+    records = []
+    for spec in specs:
+        settings = {"map": {"pooled_to": spec.pool or None}, "attention": {"p": spec.p}, "embedding": {}}
+        record = {"name": spec.name, "activation": activation_side(taker.net, spec.name),
+                  "forms": {form: settings[form] for form in spec.forms}}
+        for form, info in record["forms"].items():
+            info["shape"] = list(stored_form(out[spec.name].float(), form, record).shape[1:])
+        records.append(record)
+    return records, out["logits"].shape[1]
 
 
-def _layout(cfg: DumpConfig, shapes: dict, v: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    arrays = {"index": ((), "int64"), "labels": ((), "int64"), "views/params": ((v, len(PARAM_FIELDS)), "int64")}
+def _layout(cfg: DumpConfig, record: dict, classes: int, spec: ViewSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    v = record["views"]["count"]
+    arrays = {"index": ((), "int64"), "labels": ((), "int64"), "views/code": ((v,), code_dtype(spec))}
     if cfg.topk:
         arrays["topk_values"] = ((v, cfg.topk), cfg.logits_dtype)
         arrays["topk_indices"] = ((v, cfg.topk), "int32")
         arrays["topk_lse"] = ((v,), "float32")
     else:
-        arrays["logits"] = ((v, *shapes["logits"]), cfg.logits_dtype)
-    for layer in cfg.layers:
-        arrays[f"features/{layer}"] = ((v, *shapes[layer]), "float16")
+        arrays["logits"] = ((v, classes), cfg.logits_dtype)
+    for (layer, form), shape in stored_forms(record).items():
+        arrays[form_dataset(layer, form)] = ((v, *shape), "float16")
     return arrays
 
 
-def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, vparams, shapes, taker) -> dict:
+def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, vparams, layers: list[dict]) -> dict:
     return {
         "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "logitcache_version": __version__,
         "teacher": teacher.identity(),
@@ -228,10 +241,11 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
                       "input": "uint8 view -> float32 / 255 -> normalize"},
         "views": {"count": int(vparams.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
                   else ("eval" if vparams.shape[1] == 1 else "random"),
-                  "seed": cfg.seed, "eval_view": eval_view(vparams, spec), "param_fields": list(PARAM_FIELDS)},
-        "dtypes": {"logits": cfg.logits_dtype, "features": "float16", "index": "int64", "labels": "int64"},
-        "layers": [{"name": name, "shape": list(shapes[name]), "dtype": "float16", "pooled_to": cfg.feature_pool or None,
-                    "activation": activation_side(taker.net, name)} for name in cfg.layers],
+                  "seed": cfg.seed, "eval_view": eval_view(vparams, spec),
+                  "code": "(top * (2 * crop_padding + 1) + left) * 2 + flip"},
+        "dtypes": {"logits": cfg.logits_dtype, "forms": "float16", "index": "int64", "labels": "int64",
+                   "views/code": code_dtype(spec)},
+        "layers": layers,
         "topk": cfg.topk,
     }
 
@@ -254,8 +268,8 @@ def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = 
             x = to_input(images.flatten(0, 1), device, job.prepare)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=job.amp):
                 out = job.taker(x)
-            batch = _rows(out, b, v, cfg, index)
-            batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/params": vparams[index.numpy()]})
+            batch = _rows(out, b, v, cfg, job.record["layers"], index)
+            batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/code": job.codes[index.numpy()]})
             background.submit(int(index[0]) - offset, batch)
             bar.update(b)
             beat()
@@ -264,7 +278,8 @@ def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = 
         background.drain()
 
 
-def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: torch.Tensor) -> dict[str, np.ndarray]:
+def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, layers: list[dict],
+          index: torch.Tensor) -> dict[str, np.ndarray]:
     logits = out["logits"].float().reshape(b, v, -1)
     bad = ~torch.isfinite(logits).all(dim=(1, 2))
     if bad.any():
@@ -281,10 +296,16 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, index: 
         rows["topk_lse"] = torch.logsumexp(logits, dim=-1).cpu().numpy()
     else:
         rows["logits"] = logits.cpu().numpy().astype(cfg.logits_dtype)
-    for layer in cfg.layers:
-        feats = pool_feature(out[layer].float(), cfg.feature_pool)
-        feats = feats.reshape(b, v, *feats.shape[1:]).clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        rows[f"features/{layer}"] = feats.cpu().numpy().astype(np.float16)
+    for layer in layers:
+        for form in layer["forms"]:
+            stored = stored_form(out[layer["name"]].float(), form, layer)
+            stored = stored.reshape(b, v, *stored.shape[1:])
+            bad = ~torch.isfinite(stored).flatten(1).all(dim=1)
+            if bad.any():
+                raise LogitcacheError(f"layer {layer['name']} ({form} form) of sample(s) {index[bad.cpu()].tolist()[:20]} "
+                                      "is not finite in float16 (beyond ±65504); cache another layer or its "
+                                      "attention form")
+            rows[form_dataset(layer["name"], form)] = stored.cpu().numpy()
     return rows
 
 
