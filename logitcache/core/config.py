@@ -180,9 +180,40 @@ class StudentConfig(TrainConfig):
     labels_seed: int = Field(0, ge=0, description="seed of the labeled subset, shared by every student seed")
     feature_budget_mb: float = Field(1024, ge=0, description="hold cached features in RAM up to this size")
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed; mean and std in <out>")
+    init: str | None = Field(None, description="start from this checkpoint's weights and architecture, e.g. a "
+                             "model from `logitcache prune`; its base model must be `model`")
     out: str = "data/students/default"
 
-    _check_files = field_validator("labeled_indices", "teacher", "test_cache")(_file)
+    _check_files = field_validator("labeled_indices", "teacher", "test_cache", "init")(_file)
+
+
+class ExportConfig(Section):
+    """logitcache export: ONNX, torch.export and int8 ONNX of a checkpoint, checked on the test split and timed."""
+
+    out: str = Field("data/deploy", description="exports go to <out>/<name>/")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset of the exported model")
+    atol: float = Field(1e-4, gt=0, description="largest |logit difference| an fp32 export may have from PyTorch "
+                        "on the test split")
+    calibration_cache: str | None = Field("data/cache/train.h5", description="training cache whose replayed views "
+                                          "calibrate static int8; None = dynamic int8")
+    calibration_images: int = Field(256, ge=1, description="replayed training views that calibrate int8")
+    calibration_seed: int = Field(0, ge=0)
+    latency_runs: int = Field(200, ge=1, description="timed batch-1 runs per runtime (median and p90)")
+    warmup_runs: int = Field(20, ge=0)
+    throughput_runs: int = Field(10, ge=1, description="timed batch-256 runs per runtime")
+    threads: int | None = Field(None, ge=1, description="CPU threads of every runtime; None = torch's default")
+
+    _check_out = field_validator("out")(_folder)
+    _check_cache = field_validator("calibration_cache")(_file)
+
+
+class PruneConfig(Section):
+    """logitcache prune: structured channel pruning of a checkpoint."""
+
+    ratio: float = Field(0.4, gt=0, lt=1, description="fraction of every layer's channels removed (output layer kept)")
+    out: str = Field("data/pruned/teacher.pt", description="the pruned checkpoint; metrics.json beside it")
+
+    _check_out = field_validator("out")(_file)
 
 
 class Params(Section):
@@ -190,10 +221,15 @@ class Params(Section):
     teacher: TeacherConfig = TeacherConfig()
     dump: DumpConfig = DumpConfig()
     students: dict[str, StudentConfig] = Field(default_factory=dict)
+    export: ExportConfig = ExportConfig()
+    prune: PruneConfig = PruneConfig()
+    recover: StudentConfig | None = Field(None, description="the pruned model distilled from the cache (init: set)")
 
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
             return self.students[name]
+        if name == "recover" and self.recover is not None:
+            return self.recover
         if name == "default":
             return StudentConfig()
         known = ", ".join(self.students) or "none"

@@ -20,8 +20,8 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, pool_feature
-from logitcache.core.io import load_checkpoint, save_checkpoint, write_json
-from logitcache.core.models import build_model, feature_nodes
+from logitcache.core.io import load_checkpoint, load_model, save_checkpoint, write_json
+from logitcache.core.models import build_model, feature_nodes, layer_channels
 from logitcache.core.training import (
     RESUME,
     Checkpointer,
@@ -111,7 +111,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
             cache.check_matches(load_split(params.data, "test"))
     rows = np.arange(len(train)) if distilling else np.flatnonzero(labeled)
 
-    student = build_model(cfg.model, train.channels, train.num_classes)
+    student = _initial_model(cfg, train)
     nodes = feature_nodes(student)
     if method_cls.uses_features and cfg.student_layer not in nodes:
         raise LogitcacheError(f"unknown student_layer {cfg.student_layer!r} for {cfg.model}; valid names: {', '.join(nodes)}")
@@ -169,10 +169,24 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
     save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config, adapters=_cpu(method.state_dict()),
-                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
+                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
+                                **({"channels": layer_channels(student)} if cfg.init else {})})
     checkpointer.discard()  # the checkpoint, written last, marks the run finished
     dist.barrier()
     return metrics
+
+
+def _initial_model(cfg: StudentConfig, train: Split) -> nn.Module:
+    """A freshly initialised `model`, or the weights and (pruned) architecture of the `init` checkpoint."""
+    if not cfg.init:
+        return build_model(cfg.model, train.channels, train.num_classes)
+    model, ckpt = load_model(cfg.init)
+    info = ckpt["model_info"]
+    if (info["model"], info["in_channels"], info["num_classes"]) != (cfg.model, train.channels, train.num_classes):
+        raise LogitcacheError(f"init checkpoint {cfg.init} holds {info['model']} for {info['in_channels']} channel(s) "
+                              f"and {info['num_classes']} classes, the student is {cfg.model} for {train.channels} and "
+                              f"{train.num_classes}; set model: {info['model']} or give another init")
+    return model
 
 
 def _finished_run(out: Path, config: dict) -> dict | None:
