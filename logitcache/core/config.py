@@ -223,13 +223,14 @@ class Params(Section):
     students: dict[str, StudentConfig] = Field(default_factory=dict)
     export: ExportConfig = ExportConfig()
     prune: PruneConfig = PruneConfig()
-    recover: StudentConfig | None = Field(None, description="the pruned model distilled from the cache (init: set)")
+    pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
+                                         "cache (init: the output of logitcache prune)")
 
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
             return self.students[name]
-        if name == "recover" and self.recover is not None:
-            return self.recover
+        if name == "pruned" and self.pruned is not None:
+            return self.pruned
         if name == "default":
             return StudentConfig()
         known = ", ".join(self.students) or "none"

@@ -66,7 +66,8 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
             runtimes[key]["bytes"] = (tmp / runtimes[key]["file"]).stat().st_size
         runtimes["onnx_int8"]["acc_drop"] = pytorch_acc - runtimes["onnx_int8"]["test_acc"]
         metrics = {"model": arch, "checkpoint": str(checkpoint), "params": sum(p.numel() for p in model.parameters()),
-                   "test_images": len(labels), "threads": threads, "opset": cfg.opset, "atol": cfg.atol,
+                   "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
+                   "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
                    "int8_method": int8_method, "calibration_images": 0 if calibration is None else len(calibration),
                    **runtimes}
         write_json(tmp / "metrics.json", metrics)
