@@ -82,7 +82,7 @@ def test_export_beyond_tolerance_fails_and_writes_nothing(data_cfg, cache_dir, s
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(_params(data_cfg, cache_dir, tmp_path).model_dump(mode="json")))
     result = CliRunner().invoke(main, ["export", str(student_ckpt), "--params", str(params), "--atol", "1e-30"])
-    assert result.exit_code == 2 and result.output.startswith("error: cnn_tiny .pt2 export differs from PyTorch")
+    assert result.exit_code == 2 and result.output.startswith("error: cnn_tiny ONNX export differs from PyTorch")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "deploy").exists() or not any((tmp_path / "deploy").iterdir())
 
@@ -164,3 +164,21 @@ def test_init_of_another_model_is_refused(data_cfg, cache_dir, teacher_ckpt, tmp
     with pytest.raises(LogitcacheError, match="init checkpoint .* holds resnet8 .* set model: resnet8"):
         train_student(params, "s")
     assert not (tmp_path / "student.pt").exists()
+
+
+def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path):
+    from logitcache.summary import summarize
+
+    for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754}, "k": {"test_acc": 0.8, "params": 9640}}.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "deploy" / "kd").mkdir(parents=True)
+    (tmp_path / "deploy" / "kd" / "metrics.json").write_text(json.dumps({
+        "pytorch": {"latency_ms": 0.3}, "onnx_fp32": {"bytes": 40960, "latency_ms": 0.1},
+        "onnx_int8": {"bytes": 20480, "acc_drop": 0.003, "latency_ms": 0.08}}))
+    params = validate({"teacher": {"out": str(tmp_path / "t")}, "export": {"out": str(tmp_path / "deploy")},
+                       "students": {"kd": {"model": "cnn_tiny", "epochs": 1, "out": str(tmp_path / "k")}}})
+    flat = summarize(params, tmp_path / "summary")
+    assert flat["kd"]["onnx_bytes"] == 40960 and flat["kd"]["int8_latency_ms"] == 0.08 and "onnx_bytes" not in flat["teacher"]
+    table = (tmp_path / "summary" / "summary.md").read_text()
+    assert "| 40.0 / 20.0 | 0.30 | 0.300 / 0.100 / 0.080 |" in table
