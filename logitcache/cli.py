@@ -344,6 +344,56 @@ def params_doc_cmd() -> None:
     click.echo(render_params_doc(), nl=False)
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--name", default="model", show_default=True, help="Write to <export.out>/NAME/.")
+@params_options({"out": "export.out", "atol": "export.atol", "opset": "export.opset", "threads": "export.threads"})
+def export_cmd(params, checkpoint, name) -> None:
+    """Export CHECKPOINT as ONNX, a torch.export program (.pt2) and int8 ONNX; check and time each.
+
+    The fp32 exports must match PyTorch's logits on the whole test split within export.atol;
+    int8 is calibrated on replayed views of the training cache and its accuracy drop reported.
+    Writes model.onnx, model.pt2, model.int8.onnx and metrics.json, all or nothing.
+
+    \b
+    Example:
+      logitcache export data/students/kd/runs/seed0/student.pt --name kd
+      logitcache export data/teacher/teacher.pt --name teacher --threads 1
+    """
+    from logitcache.deploy.export import export_checkpoint
+
+    m = export_checkpoint(params, checkpoint, name)
+    click.echo(f"{m['model']}, {m['params']:,} parameters, {m['threads']} thread(s), {m['test_images']} test images")
+    for key in ("pytorch", "pt2", "onnx_fp32", "onnx_int8"):
+        r = m[key]
+        diff = f", max |Δlogit| {r['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in r else ""
+        speed = (f", {r['latency_ms']:.3f} ms (p90 {r['latency_p90_ms']:.3f}) at batch 1, "
+                 f"{r['throughput_img_s']:,.0f} img/s at 256" if "latency_ms" in r else "")
+        click.echo(f"  {key:<10} {r['file']:<16} {r['bytes'] / 1024:8.1f} KiB  acc {100 * r['test_acc']:.2f} %{diff}{speed}")
+    click.echo(f"int8 ({m['int8_method']}): accuracy drop {100 * m['onnx_int8']['acc_drop']:.2f} points "
+               f"-> {Path(params.export.out) / name}")
+
+
+@main.command("prune")
+@click.argument("checkpoint", type=click.Path())
+@params_options({"ratio": "prune.ratio", "out": "prune.out"})
+def prune_cmd(params, checkpoint) -> None:
+    """Remove a fraction of every layer's channels (structured, torch-pruning); write a smaller checkpoint.
+
+    Recover its accuracy by distilling from the cache: a student with init: set to the output.
+
+    \b
+    Example:
+      logitcache prune data/teacher/teacher.pt --ratio 0.4 --out data/pruned/teacher.pt
+      logitcache train-student pruned              # params.yaml's pruned: section, init: data/pruned/teacher.pt
+    """
+    from logitcache.deploy.prune import prune_checkpoint
+
+    m = prune_checkpoint(params, checkpoint)
+    click.echo(f"{m['model']}: {m['params_before']:,} -> {m['params']:,} parameters ({100 * m['params_kept']:.1f} %), "
+               f"test accuracy {100 * m['test_acc_before']:.2f} -> {100 * m['test_acc']:.2f} % -> {params.prune.out}")
+
+
 @main.command("models")
 def models_cmd() -> None:
     """List every model name the registry builds (small-image families, students, torchvision).

@@ -9,15 +9,20 @@ from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import check_output_folder, write_json
 
-COLUMNS = ("test_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "seconds_per_epoch")
+COLUMNS = ("test_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "seconds_per_epoch",
+           "onnx_bytes", "int8_bytes", "int8_acc_drop", "eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
 
 
 def summarize(params: Params, out: str | Path = "data/summary") -> dict:
-    """Collect the teacher's and every student's metrics.json; write <out>/metrics.json and summary.md."""
+    """Collect the teacher's and every student's metrics.json, and their exports' where exported (logitcache
+    export --name <row>); write <out>/metrics.json and summary.md."""
     check_output_folder(out, "summarize --out")
     rows = {"teacher": {"model": params.teacher.model, "mode": "teacher", **_read(Path(params.teacher.out))}}
-    for name, cfg in params.students.items():
-        rows[name] = {"model": cfg.model, **_read(Path(cfg.out))}
+    students = {**params.students, **({"pruned": params.pruned} if params.pruned else {})}
+    for name, cfg in students.items():
+        rows[name] = {"model": cfg.model + (" (pruned)" if cfg.init else ""), **_read(Path(cfg.out))}
+    for name, row in rows.items():
+        row.update(_deployment(Path(params.export.out) / name / "metrics.json"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std") if row.get(k) is not None} for name, row in rows.items()}
@@ -33,15 +38,27 @@ def _read(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _deployment(path: Path) -> dict:
+    """Size on disk and latency per runtime of a model's export, when it has one."""
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {"onnx_bytes": m["onnx_fp32"]["bytes"], "int8_bytes": m["onnx_int8"]["bytes"],
+            "int8_acc_drop": m["onnx_int8"]["acc_drop"], "eager_latency_ms": m["pytorch"]["latency_ms"],
+            "onnx_latency_ms": m["onnx_fp32"]["latency_ms"], "int8_latency_ms": m["onnx_int8"]["latency_ms"]}
+
+
 def markdown(rows: dict[str, dict]) -> str:
-    head = "| model | arch | mode | test acc (%) | agreement (%) | KL to teacher | params | compression | latency (ms) | s/epoch | seeds |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model | arch | mode | test acc (%) | agreement (%) | KL to teacher | params | compression | latency (ms) "
+            "| s/epoch | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) | batch-1 ms: eager / ORT / ORT int8 |")
+    lines = [head, "|" + "---|" * 14]
     for name, r in rows.items():
         acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if r.get("test_acc_std") else "")
         lines.append("| " + " | ".join([
             name, r["model"], r.get("mode", ""), acc, _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
             f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
-            _num(r.get("seconds_per_epoch"), ".1f"), str(len(r.get("seeds", [])) or 1)]) + " |")
+            _num(r.get("seconds_per_epoch"), ".1f"), str(len(r.get("seeds", [])) or 1), _sizes(r),
+            _num(None if r.get("int8_acc_drop") is None else 100 * r["int8_acc_drop"], ".2f"), _latencies(r)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -51,3 +68,12 @@ def _pct(value) -> str:
 
 def _num(value, fmt: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _sizes(r: dict) -> str:
+    return "–" if "onnx_bytes" not in r else f"{r['onnx_bytes'] / 1024:.1f} / {r['int8_bytes'] / 1024:.1f}"
+
+
+def _latencies(r: dict) -> str:
+    keys = ("eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
+    return "–" if keys[0] not in r else " / ".join(f"{r[k]:.3f}" for k in keys)

@@ -85,8 +85,11 @@ def stages() -> dict[str, dict]:
     out = {}
     for name, stage in spec.items():
         if "foreach" in stage:
-            for key in params["students"]:
+            items = params["students"] if stage["foreach"] == "${students}" else stage["foreach"]
+            for key, item in items.items():
                 text = yaml.safe_dump(stage["do"]).replace("${key}", key)
+                if isinstance(item, str):
+                    text = text.replace("${item}", item)
                 out[f"{name}@{key}"] = yaml.safe_load(text)
         else:
             out[name] = stage
@@ -188,6 +191,8 @@ def test_recording_sees_reads_through_copies():
 def test_every_params_key_a_stage_reads_is_declared(tmp_path, monkeypatch):
     """Run every stage for real (a small slice of the data, 1 epoch) and check its reads against dvc.yaml."""
     from logitcache.core.data import prepare_data
+    from logitcache.deploy.export import export_checkpoint
+    from logitcache.deploy.prune import prune_checkpoint
     from logitcache.student.train import train_student
     from logitcache.summary import summarize
     from logitcache.teacher.dump import dump_teacher
@@ -198,12 +203,18 @@ def test_every_params_key_a_stage_reads_is_declared(tmp_path, monkeypatch):
     overrides = ["data.train_limit=256", "data.test_limit=128", "teacher.epochs=1", "teacher.workers=0",
                  "dump.views=2", "dump.workers=0"]
     overrides += [f"students.{n}.{k}" for n in names for k in ("epochs=1", "seeds=[0]", "workers=0")]
+    overrides += ["pruned.epochs=1", "pruned.workers=0", "export.latency_runs=2", "export.throughput_runs=1",
+                  "export.calibration_images=32"]
     params = load_params(ROOT / "params.yaml", overrides)
+    spec = stages()
     runs = {"prepare_data": lambda: prepare_data(params.data), "train_teacher": lambda: train_teacher(params),
             "dump_teacher": lambda: dump_teacher(params),
             **{f"train_student@{n}": (lambda n=n: train_student(params, n)) for n in names},
+            "prune_teacher": lambda: prune_checkpoint(params, "data/teacher/teacher.pt"),
+            "recover_pruned": lambda: train_student(params, "pruned"),
+            **{name: (lambda name=name: export_checkpoint(params, spec[name]["cmd"].split()[2], name.partition("@")[2]))
+               for name in spec if name.startswith("export@")},
             "summary": lambda: summarize(params, "data/summary")}
-    spec = stages()
     assert set(runs) == set(spec), "every stage of dvc.yaml is run here"
     for stage, run in runs.items():
         with recording(params) as reads:

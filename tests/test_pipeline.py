@@ -29,6 +29,8 @@ def shrink(params: dict) -> dict:
     params["dump"].update(views=2, workers=0, batch_size=256)
     params["students"] = {name: {**params["students"][name], "epochs": 1, "seeds": [0, 1], "workers": 0}
                           for name in ("ce", "kd")}
+    params["pruned"].update(epochs=1, workers=0)
+    params["export"].update(latency_runs=5, warmup_runs=1, throughput_runs=1, calibration_images=32)
     return params
 
 
@@ -52,7 +54,8 @@ def repo(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_repro_builds_every_stage_with_metrics_and_summary(repo):
     summary = json.loads((repo / "data/summary/metrics.json").read_text())
-    assert set(summary) == {"teacher", "ce", "kd"}
+    assert set(summary) == {"teacher", "ce", "kd", "pruned"}
+    assert summary["pruned"]["params"] < summary["teacher"]["params"] and summary["kd"]["onnx_bytes"] > 0
     kd = json.loads((repo / "data/students/kd/metrics.json").read_text())
     assert kd["seeds"] == [0, 1] and "test_acc_std" in kd and set(kd["per_seed"]) == {"0", "1"}
     assert "| kd | cnn_tiny | kd |" in (repo / "data/summary/summary.md").read_text()
@@ -66,9 +69,10 @@ def changed_stages(repo: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("edited", "expected"), [
-    ("logitcache/student/train.py", {"train_student@ce", "train_student@kd"}),
+    ("logitcache/student/train.py", {"train_student@ce", "train_student@kd", "recover_pruned"}),
     ("logitcache/core/models.py", {"prepare_data", "train_teacher", "dump_teacher", "train_student@ce",
-                                   "train_student@kd", "summary"}),
+                                   "train_student@kd", "prune_teacher", "recover_pruned", "export@teacher",
+                                   "export@kd", "export@pruned", "summary"}),
 ])
 @pytest.mark.slow
 def test_editing_code_marks_the_stages_that_run_it(repo, edited, expected):
@@ -90,9 +94,9 @@ def test_changing_one_student_reruns_it_and_the_summary_only(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train_student@kd", "summary"}
+    assert ran == {"train_student@kd", "export@kd", "summary"}
     diff = run(repo, "metrics", "diff")
-    assert "data/students/kd/metrics.json" in diff
+    assert "data/students/kd/metrics.json" in diff and "data/deploy/kd/metrics.json" in diff
     assert "data/students/ce/metrics.json" not in diff
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "kd at T=8")

@@ -238,10 +238,12 @@ class StudentConfig(TrainConfig):
     seeds: list[int] | None = Field(None, min_length=1, description="train once per seed "
                                        "(all different), in <out>/runs/seed<N>/, with mean and std in <out>; null = "
                                        "one run in <out> with seed")
+    init: str | None = Field(None, description="start from this checkpoint's weights and architecture, e.g. a "
+                             "model from `logitcache prune`; its base model must be `model`")
     out: str = Field("data/students/default", description="folder of student.pt, metrics.json, history.json and "
                      "config.json; with seeds, each seed's run is in runs/seed<N>/ and metrics.json holds mean and std")
 
-    _check_files = field_validator("labeled_indices", "teacher", "test_cache")(_file)
+    _check_files = field_validator("labeled_indices", "teacher", "test_cache", "init")(_file)
 
     @field_validator("seeds")
     @classmethod
@@ -251,16 +253,51 @@ class StudentConfig(TrainConfig):
         return seeds
 
 
+class ExportConfig(Section):
+    """logitcache export: ONNX, torch.export and int8 ONNX of a checkpoint, checked on the test split and timed."""
+
+    out: str = Field("data/deploy", description="exports go to <out>/<name>/")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset of the exported model")
+    atol: float = Field(1e-4, gt=0, description="largest |logit difference| an fp32 export may have from PyTorch "
+                        "on the test split")
+    calibration_cache: str | None = Field("data/cache/train.h5", description="training cache whose replayed views "
+                                          "calibrate static int8; None = dynamic int8")
+    calibration_images: int = Field(256, ge=1, description="replayed training views that calibrate int8")
+    calibration_seed: int = Field(0, ge=0)
+    latency_runs: int = Field(200, ge=1, description="timed batch-1 runs per runtime (median and p90)")
+    warmup_runs: int = Field(20, ge=0)
+    throughput_runs: int = Field(10, ge=1, description="timed batch-256 runs per runtime")
+    threads: int | None = Field(None, ge=1, description="CPU threads of every runtime; None = torch's default")
+
+    _check_out = field_validator("out")(_folder)
+    _check_cache = field_validator("calibration_cache")(_file)
+
+
+class PruneConfig(Section):
+    """logitcache prune: structured channel pruning of a checkpoint."""
+
+    ratio: float = Field(0.4, gt=0, lt=1, description="fraction of every layer's channels removed (output layer kept)")
+    out: str = Field("data/pruned/teacher.pt", description="the pruned checkpoint; metrics.json beside it")
+
+    _check_out = field_validator("out")(_file)
+
+
 class Params(Section):
     data: DataConfig = Field(DataConfig(), description="the data set (prepare-data; every stage reads it)")
     teacher: TeacherConfig = Field(TeacherConfig(), description="the teacher (train-teacher)")
     dump: DumpConfig = Field(DumpConfig(), description="the cache (dump-teacher)")
     students: dict[str, StudentConfig] = Field(default_factory=dict, description="train-student NAME trains "
                                                "students.NAME; a key left out takes the student default")
+    export: ExportConfig = ExportConfig()
+    prune: PruneConfig = PruneConfig()
+    pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
+                                         "cache (init: the output of logitcache prune)")
 
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
             return self.students[name]
+        if name == "pruned" and self.pruned is not None:
+            return self.pruned
         if name == "default":
             return StudentConfig()
         known = ", ".join(self.students) or "none"

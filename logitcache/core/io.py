@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,6 +53,21 @@ def check_output_folder(path: str | Path, key: str) -> None:
                               "give a folder you can write to") from None
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Fill a temporary folder, then put it in place of `path`: never a folder with only some of its files."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -80,13 +96,15 @@ def _load_failure(error: Exception) -> str:
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """The model a logitcache checkpoint describes, with its weights, and the checkpoint itself."""
-    from logitcache.core.models import build_model
+    from logitcache.core.models import build_model, resize_layers
 
     ckpt = load_checkpoint(path)
     info = ckpt.get("model_info")
     if not isinstance(info, dict):
         raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
     model = build_model(info["model"], info["in_channels"], info["num_classes"])
+    if info.get("channels"):  # a pruned model: the base architecture with fewer channels
+        resize_layers(model, info["channels"], ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -252,6 +252,29 @@ def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     return _MODELS[name](in_channels, num_classes)
 
 
+_CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+
+
+def layer_channels(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Channel counts of every conv, norm and linear layer: the plain data that rebuilds a pruned model."""
+    return {name: {a: getattr(m, a) for a in _CHANNEL_ATTRS if hasattr(m, a)}
+            for name, m in model.named_modules() if any(hasattr(m, a) for a in _CHANNEL_ATTRS)}
+
+
+def resize_layers(model: nn.Module, channels: dict[str, dict[str, int]], state_dict: dict) -> nn.Module:
+    """Give a freshly built model a pruned model's channel counts and tensor shapes; load_state_dict comes next."""
+    for name, attrs in channels.items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            saved = state_dict.get(f"{name}.{key}" if name else key)
+            if saved is not None and saved.shape != tensor.shape:
+                empty = torch.empty(saved.shape, dtype=tensor.dtype)
+                setattr(module, key, nn.Parameter(empty) if isinstance(tensor, nn.Parameter) else empty)
+    return model
+
+
 def feature_nodes(model: nn.Module) -> list[str]:
     """Feature layer names for create_feature_extractor, in graph order; the last is the output.
 

@@ -22,8 +22,8 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.io import check_output_folder, load_checkpoint, save_checkpoint, write_json
-from logitcache.core.models import build_model, feature_nodes
+from logitcache.core.io import check_output_folder, load_checkpoint, load_model, save_checkpoint, write_json
+from logitcache.core.models import build_model, feature_nodes, layer_channels
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
     RESUME,
@@ -160,7 +160,7 @@ class Learner(nn.Module):
 def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple[nn.Module, Learner]:
     """The student (with the nodes the methods read exposed) and each method sized from the real shapes."""
     train = plan.train
-    student = build_model(cfg.model, train.channels, train.num_classes)
+    student = _initial_model(cfg, train)
     nodes = feature_nodes(student)
     unknown = [s for s in plan.needs.student if s not in nodes]
     if unknown:
@@ -267,10 +267,24 @@ def _finish(params, cfg, plan, student, learner, history, out, config, checkpoin
     save_config({"data": params.data, "student": cfg}, out / "config.json")
     save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config,
                     adapters=_cpu(learner.methods.state_dict()),
-                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes})
+                    model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
+                                **({"channels": layer_channels(student)} if cfg.init else {})})
     checkpointer.discard()  # the checkpoint, written last, marks the run finished
     dist.barrier()
     return metrics
+
+
+def _initial_model(cfg: StudentConfig, train: Split) -> nn.Module:
+    """A freshly initialised `model`, or the weights and (pruned) architecture of the `init` checkpoint."""
+    if not cfg.init:
+        return build_model(cfg.model, train.channels, train.num_classes)
+    model, ckpt = load_model(cfg.init)
+    info = ckpt["model_info"]
+    if (info["model"], info["in_channels"], info["num_classes"]) != (cfg.model, train.channels, train.num_classes):
+        raise LogitcacheError(f"init checkpoint {cfg.init} holds {info['model']} for {info['in_channels']} channel(s) "
+                              f"and {info['num_classes']} classes, the student is {cfg.model} for {train.channels} and "
+                              f"{train.num_classes}; set model: {info['model']} or give another init")
+    return model
 
 
 def _finished_run(out: Path, config: dict) -> dict | None:
