@@ -263,9 +263,9 @@ class ExportConfig(Section):
     calibration_cache: str | None = Field("data/cache/train.h5", description="training cache whose replayed views "
                                           "calibrate static int8; None = dynamic int8")
     calibration_images: int = Field(256, ge=1, description="replayed training views that calibrate int8")
-    calibration_seed: int = Field(0, ge=0)
+    calibration_seed: int = Field(0, ge=0, description="seed of the calibration views' choice")
     latency_runs: int = Field(200, ge=1, description="timed batch-1 runs per runtime (median and p90)")
-    warmup_runs: int = Field(20, ge=0)
+    warmup_runs: int = Field(20, ge=0, description="untimed runs before timing each runtime")
     throughput_runs: int = Field(10, ge=1, description="timed batch-256 runs per runtime")
     threads: int | None = Field(None, ge=1, description="CPU threads of every runtime; None = torch's default")
 
@@ -288,8 +288,8 @@ class Params(Section):
     dump: DumpConfig = Field(DumpConfig(), description="the cache (dump-teacher)")
     students: dict[str, StudentConfig] = Field(default_factory=dict, description="train-student NAME trains "
                                                "students.NAME; a key left out takes the student default")
-    export: ExportConfig = ExportConfig()
-    prune: PruneConfig = PruneConfig()
+    export: ExportConfig = Field(ExportConfig(), description="deployable exports (export)")
+    prune: PruneConfig = Field(PruneConfig(), description="structured channel pruning (prune)")
     pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
                                          "cache (init: the output of logitcache prune)")
 
