@@ -7,6 +7,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
+from pydantic_core import to_jsonable_python
 from pydantic import BaseModel
 
 from logitcache.core.config import Params
@@ -113,6 +114,7 @@ def _yaml(value: Any) -> str:
     """A value as it is written in params.yaml."""
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
+    value = to_jsonable_python(value, exclude_none=False)
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
 
 
