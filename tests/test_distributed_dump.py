@@ -87,7 +87,7 @@ def assert_same_cache(a: Path, b: Path) -> None:
     attrs_b, arrays_b, layout_b = content(b)
     assert attrs_a == attrs_b
     assert layout_a == layout_b
-    for name in ("logits", "features/layer2", "views/params", "index", "labels"):
+    for name in ("logits", "features/layer2", "views/code", "index", "labels"):
         assert name in arrays_a
     for name in arrays_a:
         assert np.array_equal(arrays_a[name], arrays_b[name]), name
