@@ -143,7 +143,7 @@ class DumpConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     seed: int = Field(0, ge=0)
     layers: list[LayerSpec] = Field(
-        ["layer2"], description="teacher layers to cache: a node name (logitcache layers MODEL), stored as a map "
+        ["layer2"], validate_default=True, description="teacher layers to cache: a node name (logitcache layers MODEL), stored as a map "
                                 "pooled to feature_pool, or {name, forms: [map, attention, embedding], pool, p}")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
     logits_dtype: Literal["float16", "float32"] = "float16"
