@@ -32,6 +32,12 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("data.dataset=mnist3", "data.dataset"),
     ("teacher.augment.policy=[{name: NoSuchOp}]", "torchvision.transforms.v2"),
     ("teacher", "section.key=value"),
+    ("dump.layers=[layer2, {name: layer2, forms: [attention]}]", "layer(s) layer2 listed twice"),
+    ("dump.layers=[{name: layer2, forms: []}]", "dump.layers.0.forms: List should have at least 1 item"),
+    ("dump.layers=[{name: layer2, forms: [gram]}]", "dump.layers.0.forms.0: Input should be 'map', 'attention' or"),
+    ("dump.layers=[{name: layer2, forms: [map, map]}]", "a form is listed twice"),
+    ("dump.layers=[{name: layer2, pooling: 2}]", "unknown key 'dump.layers.0.pooling'"),
+    ("dump.layers=[{name: layer2, p: 0}]", "dump.layers.0.p: Input should be greater than 0"),
 ])
 def test_bad_values_are_one_line_errors(override, words):
     with pytest.raises(LogitcacheError) as e:
@@ -80,3 +86,12 @@ def test_repeated_seeds_are_refused(seeds):
     with pytest.raises(LogitcacheError, match=r"^invalid params.yaml: students.s.seeds: seeds must differ"):
         validate({"students": {"s": {"seeds": seeds}}}, source="params.yaml")
     assert validate({"students": {"s": {"seeds": sorted(set(seeds))}}}).students["s"].seeds == sorted(set(seeds))
+
+
+def test_layer_entries_are_names_or_mappings_with_forms_pool_and_p():
+    params = load_params(None, ["dump.feature_pool=3",
+                                "dump.layers=[layer1, {name: layer2, forms: [map, attention], pool: 0, p: 4}]"])
+    assert [(s.name, s.forms, s.pool, s.p) for s in params.dump.layer_specs()] == [
+        ("layer1", ["map"], 3, 2.0), ("layer2", ["map", "attention"], 0, 4.0)]
+    assert [s.name for s in load_params(None, ["dump.layers=layer1, layer3"]).dump.layer_specs()] == ["layer1", "layer3"]
+    assert [(s.name, s.forms, s.pool) for s in Params().dump.layer_specs()] == [("layer2", ["map"], 4)]

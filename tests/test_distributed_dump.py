@@ -30,7 +30,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def settings(teacher_ckpt, out, **extra) -> dict:
-    return {"teacher": str(teacher_ckpt), "out": str(out), "views": 3, "layers": ["layer2"], "feature_pool": 2,
+    return {"teacher": str(teacher_ckpt), "out": str(out), "views": 3, "feature_pool": 2,
+            "layers": ["layer1", {"name": "layer2", "forms": ["map", "attention", "embedding"], "p": 3}],
             "workers": 0, "device": "cpu", "batch_size": 64, **extra}  # 21 samples a batch: 15 batches a shard
 
 
@@ -87,7 +88,8 @@ def assert_same_cache(a: Path, b: Path) -> None:
     attrs_b, arrays_b, layout_b = content(b)
     assert attrs_a == attrs_b
     assert layout_a == layout_b
-    for name in ("logits", "features/layer2", "views/code", "index", "labels"):
+    for name in ("logits", "features/layer1", "features/layer2", "attention/layer2", "embedding/layer2", "views/code",
+                 "index", "labels"):
         assert name in arrays_a
     for name in arrays_a:
         assert np.array_equal(arrays_a[name], arrays_b[name]), name
@@ -97,6 +99,7 @@ def no_shards_left(out: Path) -> bool:
     return not list(out.glob("*.shards"))
 
 
+@pytest.mark.slow
 def test_torchrun_dump_equals_the_single_process_dump_bit_for_bit(data_cfg, teacher_ckpt, reference, tmp_path):
     out = tmp_path / "cache"
     params = write_params(tmp_path, data_cfg, teacher_ckpt, out)

@@ -160,15 +160,23 @@ def _delete(name: str):
 
 DAMAGE = {
     "truncated": (_truncate, ["cannot be opened as HDF5", "truncated", "re-dump it"]),
-    "schema version": (_set_attr("schema_version", "3"), ["schema version 3, this logitcache reads 2", "re-dump it"]),
+    "schema version": (_set_attr("schema_version", "3"), ["schema version 3, this logitcache reads 2; re-dump it"]),
+    "schema version 1": (_set_attr("schema_version", "1"), ["schema version 1, this logitcache reads 2 (since version 2,",
+                                                            "); re-dump it"]),
     "labels missing": (_delete("labels"), ["dataset(s) labels missing; the file is damaged, re-dump it"]),
     "view codes missing": (_delete("views/code"), ["dataset(s) views/code missing; the file is damaged"]),
+    "stored form missing": (_delete("features/layer2"), ["dataset(s) features/layer2 missing; the file is damaged"]),
     "logits missing": (_delete("logits"), ["dataset(s) logits missing"]),
     "attribute not JSON": (_set_attr("dataset", "{name: fashion"),
                            ["attribute 'dataset' is not valid JSON; the file is damaged, re-dump it"]),
     "attribute of wrong shape": (_set_attr("teacher", '["resnet8"]'),
                                  ["attribute 'teacher' lacks model, checkpoint_sha256", "re-dump it"]),
     "layers of wrong shape": (_set_attr("layers", '["layer2"]'), ["attribute 'layers' is not a list of layer records"]),
+    "layer record of schema 1": (_set_attr("layers", '[{"name": "layer2", "shape": [32, 2, 2], "pooled_to": 2, '
+                                                     '"activation": "after"}]'),
+                                 ["attribute 'layers' is not a list of layer records", "re-dump it"]),
+    "unknown form": (_set_attr("layers", '[{"name": "layer2", "activation": "after", "forms": {"gram": {"shape": [4]}}}]'),
+                     ["attribute 'layers' is not a list of layer records", "re-dump it"]),
     "not a cache": (_set_attr("format", '"something-else"'), ["not a logitcache cache"]),
 }
 
