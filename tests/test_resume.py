@@ -159,6 +159,7 @@ def test_resume_with_other_settings_is_refused_naming_them(data_cfg, cache_dir, 
         train_student(params, "kd", resume=True)
 
 
+@pytest.mark.slow
 def test_a_run_without_resume_starts_over_and_removes_stale_state(data_cfg, cache_dir, tmp_path):
     params = validate({"data": data_cfg.model_dump(),
                        "students": {"kd": student_settings(cache_dir, tmp_path, epochs=1, workers=0)}})
