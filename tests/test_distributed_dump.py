@@ -114,6 +114,7 @@ def test_torchrun_dump_equals_the_single_process_dump_bit_for_bit(data_cfg, teac
     assert "-> OK" in verified.output
 
 
+@pytest.mark.slow
 def test_invalid_input_fails_on_every_rank_with_the_same_one_line_error(data_cfg, teacher_ckpt, tmp_path):
     params = write_params(tmp_path, data_cfg, teacher_ckpt, tmp_path / "cache", layers=["layer9"])
     run = subprocess.run(torchrun(params), capture_output=True, text=True, env=ENV, timeout=300)
@@ -159,6 +160,7 @@ def _wait(condition, seconds: float, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_killed_rank_resumes_its_own_shard_and_a_complete_shard_is_kept(data_cfg, teacher_ckpt, reference,
                                                                           tmp_path, one_thread):
     out = tmp_path / "cache"

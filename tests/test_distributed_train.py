@@ -89,6 +89,7 @@ def test_one_ddp_step_equals_one_single_process_step_of_the_same_global_batch(da
     assert not torch.allclose(ddp["fc.weight"], initial["fc.weight"], atol=1e-4)  # and that step moved the weights
 
 
+@pytest.mark.slow
 def test_ddp_teacher_trains_and_rank_0_writes_the_checkpoint(data_cfg, tmp_path):
     raw = {"data": data_cfg.model_dump(),
            "teacher": {"model": "resnet8", "epochs": 2, "batch_size": 32, "lr": 0.05, "workers": 0, "device": "cpu",
@@ -103,6 +104,7 @@ def test_ddp_teacher_trains_and_rank_0_writes_the_checkpoint(data_cfg, tmp_path)
     assert not (tmp_path / "teacher" / "resume.pt").exists()
 
 
+@pytest.mark.slow
 def test_batch_size_that_does_not_split_over_ranks_is_one_line_error(data_cfg, tmp_path):
     raw = {"data": data_cfg.model_dump(),
            "teacher": {"model": "resnet8", "epochs": 1, "batch_size": 33, "workers": 0, "device": "cpu",
@@ -134,6 +136,7 @@ def _wait_gone(pids: list[int], seconds: float = 30) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_ddp_student_killed_then_resumed_equals_an_uninterrupted_ddp_run_to_the_bit(data_cfg, cache_dir, tmp_path):
     def params_for(name, **extra):
         path = tmp_path / f"{name}.yaml"

@@ -218,6 +218,7 @@ def test_topk_cache_reconstructs_probabilities_at_t1(data_cfg, teacher_ckpt, tmp
         dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "bad", topk=10))
 
 
+@pytest.mark.slow
 def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
     params = validate({"data": data_cfg.model_dump(), "dump": {"teacher": str(teacher_ckpt), "out": str(tmp_path),
                        "views": "all", "workers": 0, "splits": ["train"], "batch_size": 500}})
@@ -285,6 +286,7 @@ def _ok(result):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_identical_content(data_cfg, teacher_ckpt, tmp_path):
     args = [sys.executable, "-m", "logitcache", "dump-teacher", "-S", f"data.root={data_cfg.root}",
             "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "dump.splits=[train]",

@@ -459,6 +459,7 @@ def _no_file_locking() -> bool:
     return os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0")
 
 
+@pytest.mark.slow
 def test_two_students_read_one_cache_at_the_same_time(data_cfg, cache_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"data": data_cfg.model_dump(mode="json"), "students": {"s": {
@@ -550,6 +551,7 @@ def test_dump_onto_a_partial_another_process_writes_is_refused(data_cfg, teacher
     assert seen[0] > 0 and (tmp_path / "cache" / "train.h5").exists() and not partial.exists()
 
 
+@pytest.mark.slow
 def test_sigint_during_the_dump_exits_130_keeps_the_partial_and_a_rerun_resumes(data_cfg, teacher_ckpt, tmp_path,
                                                                                monkeypatch):
     settings = {"views": 8, "layers": ["layer1"], "feature_pool": 14, "batch_size": 64}
@@ -652,6 +654,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_real_full_disk_during_the_dump(data_cfg, teacher_ckpt, tmp_path, small_disk):
     args = ["dump-teacher", *data_args(data_cfg), "--teacher", teacher_ckpt, "--views", 3, "-S", "dump.splits=[train]",
             "-S", "dump.feature_pool=2", "-S", "dump.batch_size=96", "-S", "dump.workers=0"]

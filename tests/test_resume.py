@@ -68,6 +68,7 @@ def without_timing(history):
     return [{k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in history]
 
 
+@pytest.mark.slow
 def test_teacher_sigkill_then_resume_equals_an_uninterrupted_run_to_the_bit(data_cfg, tmp_path):
     reference = train_teacher(validate({"data": data_cfg.model_dump(), "teacher": teacher_settings(tmp_path / "ref")}))
     run = tmp_path / "run"
@@ -93,6 +94,7 @@ def test_teacher_sigkill_then_resume_equals_an_uninterrupted_run_to_the_bit(data
     assert not (out / RESUME).exists()  # finished: nothing left to resume
 
 
+@pytest.mark.slow
 def test_teacher_sigint_exits_130_with_one_line_and_leaves_only_resumable_state(data_cfg, tmp_path):
     params_path = write_params(tmp_path, {"data": data_cfg.model_dump(), "teacher": teacher_settings(tmp_path)})
     code, _, err = stop_after_an_epoch(start(["train-teacher"], params_path), tmp_path / "teacher" / RESUME,
@@ -104,6 +106,7 @@ def test_teacher_sigint_exits_130_with_one_line_and_leaves_only_resumable_state(
     assert load_checkpoint(out / RESUME)["epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(data_cfg, cache_dir, tmp_path):
     ref = validate({"data": data_cfg.model_dump(),
                     "students": {"kd": student_settings(cache_dir, tmp_path / "ref", seeds=[0, 1])}})
@@ -135,6 +138,7 @@ def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(da
     assert again["per_seed"] == reference["per_seed"]
 
 
+@pytest.mark.slow
 def test_student_sigint_leaves_no_finished_outputs(data_cfg, cache_dir, tmp_path):
     params_path = write_params(tmp_path, {"data": data_cfg.model_dump(),
                                           "students": {"kd": student_settings(cache_dir, tmp_path, epochs=10)}})
@@ -155,6 +159,7 @@ def test_resume_with_other_settings_is_refused_naming_them(data_cfg, cache_dir, 
         train_student(params, "kd", resume=True)
 
 
+@pytest.mark.slow
 def test_a_run_without_resume_starts_over_and_removes_stale_state(data_cfg, cache_dir, tmp_path):
     params = validate({"data": data_cfg.model_dump(),
                        "students": {"kd": student_settings(cache_dir, tmp_path, epochs=1, workers=0)}})
@@ -165,6 +170,7 @@ def test_a_run_without_resume_starts_over_and_removes_stale_state(data_cfg, cach
     assert metrics["test_acc"] > 0 and not (out / RESUME).exists() and (out / "student.pt").is_file()
 
 
+@pytest.mark.slow
 def test_non_finite_student_loss_stops_naming_epoch_and_step_and_writes_no_model(data_cfg, cache_dir, tmp_path,
                                                                                 monkeypatch):
     params = validate({"data": data_cfg.model_dump(),

@@ -23,6 +23,7 @@ def student_params(data_cfg, cache_dir, tmp_path, **student):
     return validate({"data": data_cfg.model_dump(), "students": {"s": settings}})
 
 
+@pytest.mark.slow
 def test_kd_student_learns_and_evaluate_reproduces_its_accuracy(data_cfg, cache_dir, tmp_path):
     params = student_params(data_cfg, cache_dir, tmp_path, epochs=6)
     metrics = train_student(params, "s")
@@ -244,6 +245,7 @@ def topk_reconstruction_float64(path, pairs, num_classes=10) -> torch.Tensor:
     return fill[:, None].repeat(1, num_classes).scatter(1, indices, values)
 
 
+@pytest.mark.slow
 def test_student_of_a_topk_cache_trains_on_the_topk_reconstruction(data_cfg, teacher_ckpt, cache_dir, tmp_path,
                                                                    trained_on):
     [topk] = dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
@@ -277,6 +279,7 @@ def second_cache(data_cfg, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combine", ["probs", "kl"])
 def test_two_different_teachers_combine_as_their_formula_says(data_cfg, cache_dir, second_cache, tmp_path,
                                                               trained_on, combine):

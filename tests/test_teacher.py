@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from logitcache.core.io import load_checkpoint
@@ -7,6 +8,7 @@ from logitcache.core.models import build_model
 from logitcache.teacher.train import train_teacher
 
 
+@pytest.mark.slow
 def test_short_teacher_training_learns_and_writes_a_safe_checkpoint(small_params):
     metrics = train_teacher(small_params)
     out = small_params.teacher.out
@@ -21,6 +23,7 @@ def test_short_teacher_training_learns_and_writes_a_safe_checkpoint(small_params
     assert json.load(open(f"{out}/config.json"))["teacher"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_teacher(small_params, tmp_path):
     first = train_teacher(small_params)
     again = small_params.model_copy(update={"teacher": small_params.teacher.model_copy(update={"out": str(tmp_path / "again")})})
