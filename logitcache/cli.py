@@ -263,7 +263,7 @@ def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
         m = train_student(params, name, resume=resume, dist=dist)
     if not m:
         return
-    agreement = "" if m["agreement"] is None else f", agreement {m['agreement']:.4f}"
+    agreement = "" if m.get("agreement") is None else f", agreement {m['agreement']:.4f}"
     click.echo(f"student {name} ({m['mode']}): test accuracy {m['test_acc']:.4f}{agreement} -> {params.student(name).out}")
 
 

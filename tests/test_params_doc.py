@@ -47,7 +47,8 @@ def test_every_key_of_params_yaml_is_documented():
             for key, value in entry.items():
                 used.add(f"{prefix}.{key}")
                 if f"{prefix}.{key}" in headings:  # a section of its own: its keys are documented too
-                    used |= {f"{prefix}.{key}.{inner}" for inner in value}
+                    items = value if isinstance(value, list) else [value]  # a record, or a list of records
+                    used |= {f"{prefix}.{key}.{inner}" for item in items if isinstance(item, dict) for inner in item}
     assert not used - keys, used - keys
     assert {"teacher.augment.crop_padding", "students.NAME.seeds", "dump.views"} <= used  # the walk saw nested keys
 

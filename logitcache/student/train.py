@@ -217,7 +217,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
         if dist.is_main:
             print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
                   f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
-        return {"epoch": epoch + 1, **stats}
+        return {"epoch": epoch + 1, "steps": (epoch + 1) * len(sampler), **stats}
 
     try:
         history = fit(cfg.epochs, run_epoch, checkpointer, resume)

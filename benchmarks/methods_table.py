@@ -1,0 +1,140 @@
+"""Every distillation method on the default data, at one budget of optimizer steps: docs/methods.md's results.
+
+Each method trains the same student (params.yaml's `kd` student: model, labeled fraction,
+batch, learning rate) from the same cache, for the same number of optimizer steps, with
+3 seeds; the cross-entropy baseline loops over its labeled rows as often as that budget
+needs. The script writes the results table between markers in docs/methods.md and a
+picture (accuracy ± std per method) beside it.
+
+    python benchmarks/methods_table.py                 # after `dvc repro dump_teacher`
+    python benchmarks/methods_table.py --seeds 0 --epochs 1 --out /tmp/methods   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from logitcache.cache.format import form_dataset
+from logitcache.cache.reader import Cache
+from logitcache.core.config import load_params
+from logitcache.student.methods import describe, methods
+from logitcache.student.train import train_student
+
+# Each method's settings for the default data: cnn_tiny's nodes against resnet8's cached layers.
+SETTINGS = {
+    "ce": ({}, 1.0),
+    "kd": ({"kd": {"temperature": 4.0, "weight": 0.9}}, 0.1),
+    "dkd": ({"dkd": {"warmup": 1.0}}, 1.0),
+    "fitnets": ({"fitnets": {"pairs": [["block2", "layer2"]]}}, 1.0),
+    "at": ({"at": {"pairs": [["block2", "layer2"]]}}, 1.0),
+    "sp": ({"sp": {"pairs": [["block3", "layer3"]], "form": "embedding"}}, 1.0),
+    "rkd": ({"rkd": {"student": "block3", "teacher": "layer3"}}, 1.0),
+    "pkt": ({"pkt": {"student": "block3", "teacher": "layer3"}}, 1.0),
+    "crd": ({"crd": {"student": "block3", "teacher": "layer3"}}, 1.0),
+}
+BEGIN, END = "<!-- methods-results:begin -->", "<!-- methods-results:end -->"
+
+
+def cache_bytes(cache_path: str, loss: dict) -> int:
+    """Bytes per sample of what the method reads from the cache (every view)."""
+    reads = set()
+    for name, settings in loss.items():
+        needs = methods()[name].needs(methods()[name].Config.model_validate(settings))
+        reads |= {"logits"} if needs.logits else set()
+        reads |= {form_dataset(t.layer, t.form) for t in [*needs.teacher, *needs.banks]}
+    with Cache(cache_path) as cache:
+        return sum(cache.file[name].nbytes for name in reads) // cache.num_samples
+
+
+def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path) -> dict:
+    loss, ce_weight = SETTINGS[name]
+    base = load_params(params_path).students["kd"]
+    per_epoch = math.ceil(60000 * 1.0 / base.batch_size)  # distilling students iterate over every cached row
+    if not loss:  # the baseline iterates over the labeled rows: as many epochs as the same number of steps needs
+        labeled = round(base.labeled_fraction * 60000)
+        epochs = round(epochs * per_epoch / math.ceil(labeled / base.batch_size))
+    overrides = [f"students.kd.loss={json.dumps(loss)}", f"students.kd.ce_weight={ce_weight}",
+                 f"students.kd.epochs={epochs}", f"students.kd.seeds={json.dumps(seeds)}",
+                 f"students.kd.out={out / name}"]
+    params = load_params(params_path, overrides)
+    start = time.perf_counter()
+    metrics = train_student(params, "kd")
+    runs = [json.loads((out / name / "runs" / f"seed{s}" / "history.json").read_text()) for s in seeds]
+    steps = runs[0][-1]["steps"]
+    seconds = statistics.mean(sum(h["seconds"] for h in hist) for hist in runs)
+    return {"name": name, "steps": steps, "epochs": epochs, "acc": [metrics["per_seed"][str(s)]["test_acc"] for s in seeds],
+            "agreement": metrics["agreement"], "seconds_per_step": seconds / steps,
+            "wall": time.perf_counter() - start,
+            "bytes": cache_bytes(params.students["kd"].caches[0], loss) if loss else 0}
+
+
+def table(rows: list[dict], seeds: list[int]) -> str:
+    info = {m["name"]: m for m in map(describe, methods().values())}
+    ce = next(r for r in rows if r["name"] == "ce")
+    lines = ["| method | family | reads from the cache | cache bytes / sample | steps | test acc (%) | "
+             "agreement (%) | time per step vs CE |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = info.get(r["name"], {"family": "baseline", "reads": []})
+        mean = 100 * statistics.mean(r["acc"])
+        std = 100 * statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0.0
+        reads = ", ".join(m["reads"]) or "nothing (labels only)"
+        lines.append(f"| {r['name']} | {m['family']} | {reads} | {r['bytes']:,} | {r['steps']:,} | {mean:.2f} ± {std:.2f} | "
+                     f"{100 * r['agreement']:.2f} | {r['seconds_per_step'] / ce['seconds_per_step']:.2f}× |")
+    return "\n".join(lines)
+
+
+def picture(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    means = [100 * statistics.mean(r["acc"]) for r in rows]
+    stds = [100 * statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    ax.bar(names, means, yerr=stds, capsize=4, color=["#888888" if n == "ce" else "#3b75af" for n in names])
+    ax.set_ylim(min(means) - 3, max(means) + 2)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("cnn_tiny student, 10 % labels, the same optimizer steps (mean ± std over seeds)")
+    ax.axhline(means[names.index("ce")], color="#888888", linestyle="--", linewidth=1)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of a distilling student (over every cached row)")
+    ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--work", default="data/methods", help="where the runs are written")
+    ap.add_argument("--out", default="docs", help="folder of methods.md and methods.png")
+    args = ap.parse_args()
+    rows = [run(args.params, name, args.seeds, args.epochs, Path(args.work)) for name in args.methods]
+    text = table(rows, args.seeds)
+    command = "python benchmarks/methods_table.py " + " ".join(
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if v != ap.get_default(k))
+    block = (f"{BEGIN}\nMade by `{command.strip()}` ({len(args.seeds)} seeds, "
+             f"{sum(r['wall'] for r in rows) / 60:.0f} min here):\n\n{text}\n\n![test accuracy per method](methods.png)\n{END}")
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = out / "methods.md"
+    current = doc.read_text() if doc.exists() else ""
+    if BEGIN in current and END in current:
+        current = current[:current.index(BEGIN)] + block + current[current.index(END) + len(END):]
+    else:
+        current = current.rstrip() + "\n\n## Results on the default data\n\n" + block + "\n"
+    doc.write_text(current)
+    picture(rows, out / "methods.png")
+
+
+if __name__ == "__main__":
+    main()
