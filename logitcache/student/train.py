@@ -266,7 +266,7 @@ def _finish(params, cfg, plan, student, learner, history, out, config, checkpoin
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
     save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config,
-                    adapters=_cpu(learner.methods.state_dict()),
+                    adapters=_cpu(_learned(learner.methods)),
                     model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
                                 **({"channels": layer_channels(student)} if cfg.init else {})})
     checkpointer.discard()  # the checkpoint, written last, marks the run finished
@@ -294,6 +294,14 @@ def _finished_run(out: Path, config: dict) -> dict | None:
     if load_checkpoint(out / "student.pt")["config"] != json.loads(json.dumps(config, sort_keys=True)):
         return None
     return json.loads((out / "metrics.json").read_text())
+
+
+def _learned(module: nn.Module) -> dict:
+    """The methods' parameters and the buffers they are used with (BatchNorm statistics), not their memories
+    (CRD's banks): what an adapter needs to be used again, without megabytes of per-sample state."""
+    state = module.state_dict()
+    memory = {name for name, buffer in module.named_buffers() if buffer.dim() == 2 and "memory" in name}
+    return {k: v for k, v in state.items() if k not in memory}
 
 
 def _cpu(state: dict) -> dict:

@@ -16,8 +16,31 @@ from collections.abc import Callable
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+from pydantic import Field
+
+from logitcache.core.features import embedding
+from logitcache.student.methods import MethodConfig, Needs, TeacherInput
 
 AllGather = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+class EmbeddingPairConfig(MethodConfig):
+    """Keys of a method that compares a student embedding with a cached teacher embedding."""
+
+    student: str = Field(description="student node whose pooled output is the embedding (logitcache layers MODEL)",
+                         json_schema_extra={"example": "block3"})
+    teacher: str = Field(description="cached teacher layer; needs the embedding form in the cache",
+                         json_schema_extra={"example": "layer3"})
+
+    def needs(self) -> Needs:
+        return Needs(teacher=[TeacherInput(self.teacher, "embedding")], student=[self.student])
+
+
+def global_embeddings(cfg: EmbeddingPairConfig, student, teacher, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) embeddings of the global batch: the student node pooled, the cached teacher form."""
+    s = gather_batch(embedding(student.features[cfg.student].float()), world_size)
+    t = gather_batch(teacher.features[TeacherInput(cfg.teacher, "embedding")].float(), world_size)
+    return s, t
 
 
 def gather_batch(x: torch.Tensor, world_size: int, *, rank: int | None = None,

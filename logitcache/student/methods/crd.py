@@ -40,22 +40,17 @@ from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative
 from logitcache.student.methods import (
     Method,
-    MethodConfig,
     Needs,
     TeacherInput,
     register,
 )
-from logitcache.student.methods._relations import gather_batch
+from logitcache.student.methods._relations import EmbeddingPairConfig, gather_batch
 
 EPS = 1e-7
 
 
-class CRDConfig(MethodConfig):
+class CRDConfig(EmbeddingPairConfig):
     weight: NonNegative = Field(0.8, description="weight of the contrastive term (beta)")
-    student: str = Field(description="student node whose pooled output is the embedding (logitcache layers MODEL)",
-                         json_schema_extra={"example": "block3"})
-    teacher: str = Field(description="cached teacher layer; needs the embedding form in the cache",
-                         json_schema_extra={"example": "layer3"})
     feat_dim: int = Field(128, gt=0, description="size of the projected, L2-normalised embeddings")
     negatives: int = Field(4096, gt=0, description="negatives K drawn per batch (16384 in the paper)")
     temperature: float = Field(0.07, gt=0, description="NCE temperature")

@@ -14,26 +14,19 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative
 from logitcache.student.methods import (
     Method,
-    MethodConfig,
     Needs,
-    TeacherInput,
     register,
 )
-from logitcache.student.methods._relations import gather_batch, single_process_gradient
+from logitcache.student.methods._relations import EmbeddingPairConfig, global_embeddings, single_process_gradient
 
 EPS = 1e-7
 
 
-class PKTConfig(MethodConfig):
+class PKTConfig(EmbeddingPairConfig):
     weight: NonNegative = Field(30000.0, description="weight of the probabilistic transfer term")
-    student: str = Field(description="student node whose pooled output is the embedding (logitcache layers MODEL)",
-                         json_schema_extra={"example": "block3"})
-    teacher: str = Field(description="cached teacher layer; needs the embedding form in the cache",
-                         json_schema_extra={"example": "layer3"})
 
 
 def conditional_probabilities(e: torch.Tensor) -> torch.Tensor:
@@ -58,11 +51,10 @@ class PKT(Method):
 
     @classmethod
     def needs(cls, cfg: PKTConfig) -> Needs:
-        return Needs(teacher=[TeacherInput(cfg.teacher, "embedding")], student=[cfg.student])
+        return cfg.needs()
 
     def forward(self, student, teacher, batch, at):
         world = batch.world_size
-        s = gather_batch(embedding(student.features[self.cfg.student].float()), world)
-        t = gather_batch(teacher.features[TeacherInput(self.cfg.teacher, "embedding")].float(), world)
+        s, t = global_embeddings(self.cfg, student, teacher, world)
         loss = pkt_loss(s, t)
         return single_process_gradient(loss, world), {"pkt": loss.detach()}

@@ -16,24 +16,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative, value_at
 from logitcache.student.methods import (
     Method,
-    MethodConfig,
     Needs,
-    TeacherInput,
     register,
 )
-from logitcache.student.methods._relations import gather_batch, single_process_gradient
+from logitcache.student.methods._relations import EmbeddingPairConfig, global_embeddings, single_process_gradient
 
 
-class RKDConfig(MethodConfig):
+class RKDConfig(EmbeddingPairConfig):
     weight: NonNegative = Field(1.0, description="weight of the RKD loss (its terms carry their own weights)")
-    student: str = Field(description="student node whose pooled output is the embedding (logitcache layers MODEL)",
-                         json_schema_extra={"example": "block3"})
-    teacher: str = Field(description="cached teacher layer; needs the embedding form in the cache",
-                         json_schema_extra={"example": "layer3"})
     distance_weight: NonNegative = Field(25.0, description="weight of the distance term")
     angle_weight: NonNegative = Field(50.0, description="weight of the angle term")
 
@@ -69,12 +62,11 @@ class RKD(Method):
 
     @classmethod
     def needs(cls, cfg: RKDConfig) -> Needs:
-        return Needs(teacher=[TeacherInput(cfg.teacher, "embedding")], student=[cfg.student])
+        return cfg.needs()
 
     def forward(self, student, teacher, batch, at):
         world = batch.world_size
-        s = gather_batch(embedding(student.features[self.cfg.student].float()), world)
-        t = gather_batch(teacher.features[TeacherInput(self.cfg.teacher, "embedding")].float(), world)
+        s, t = global_embeddings(self.cfg, student, teacher, world)
         distance, angle = distance_loss(s, t), angle_loss(s, t)
         loss = value_at(self.cfg.distance_weight, at) * distance + value_at(self.cfg.angle_weight, at) * angle
         return single_process_gradient(loss, world), {"rkd": loss.detach(), "distance": distance.detach(),
