@@ -157,7 +157,8 @@ class DumpConfig(Section):
     augment: AugmentConfig = Field(AugmentConfig(), description="how the training views are drawn")
     seed: int = Field(0, ge=0, description="seed of the views' augmentation parameters")
     layers: list[LayerSpec] = Field(
-        ["layer2"], validate_default=True, description="teacher layers to cache: a node name (logitcache layers MODEL), stored as a map "
+        [{"name": "layer2", "forms": ["map", "attention"]}, {"name": "layer3", "forms": ["embedding"]}],
+        validate_default=True, description="teacher layers to cache: a node name (logitcache layers MODEL), stored as a map "
                                 "pooled to feature_pool, or {name, forms: [map, attention, embedding], pool, p}")
     feature_pool: int = Field(4, ge=0, description="adaptive-average-pool feature maps to this side; 0 keeps them whole")
     logits_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the logits "
