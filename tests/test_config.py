@@ -94,4 +94,5 @@ def test_layer_entries_are_names_or_mappings_with_forms_pool_and_p():
     assert [(s.name, s.forms, s.pool, s.p) for s in params.dump.layer_specs()] == [
         ("layer1", ["map"], 3, 2.0), ("layer2", ["map", "attention"], 0, 4.0)]
     assert [s.name for s in load_params(None, ["dump.layers=layer1, layer3"]).dump.layer_specs()] == ["layer1", "layer3"]
-    assert [(s.name, s.forms, s.pool) for s in Params().dump.layer_specs()] == [("layer2", ["map"], 4)]
+    assert [(s.name, s.forms, s.pool) for s in Params().dump.layer_specs()] == [
+        ("layer2", ["map", "attention"], 4), ("layer3", ["embedding"], 4)]

@@ -41,6 +41,7 @@ def _test_inputs(data_cfg):
     return normalizer(test.mean, test.std)(test.images), test.labels
 
 
+@pytest.mark.slow
 def test_export_matches_pytorch_and_reports_int8(data_cfg, cache_dir, student_ckpt, tmp_path):
     from logitcache.deploy.export import export_checkpoint
 
@@ -77,6 +78,7 @@ def test_export_matches_pytorch_and_reports_int8(data_cfg, cache_dir, student_ck
     assert json.loads((folder / "metrics.json").read_text()) == metrics
 
 
+@pytest.mark.slow
 def test_export_beyond_tolerance_fails_and_writes_nothing(data_cfg, cache_dir, student_ckpt, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(_params(data_cfg, cache_dir, tmp_path).model_dump(mode="json")))
@@ -139,6 +141,7 @@ def test_prune_cli_writes_a_smaller_checkpoint_loadable_without_pickle(data_cfg,
     assert metrics["params"] == n and metrics["test_acc"] == acc
 
 
+@pytest.mark.slow
 def test_student_starts_from_a_pruned_checkpoint(data_cfg, cache_dir, teacher_ckpt, tmp_path):
     from logitcache.deploy.prune import prune_checkpoint
 

@@ -96,6 +96,7 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.half().argmax(-1) == labels).double().mean().item()
 
 
+@pytest.mark.slow
 def test_recorded_teacher_accuracy_equals_a_forward_pass_over_every_row(data_cfg, teacher_ckpt, tmp_path):
     [path] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path, layers=[]))
     with Cache(path) as cache:
@@ -127,6 +128,7 @@ def test_every_stored_form_is_what_stored_form_returns_to_the_bit(data_cfg, teac
                 assert torch.equal(stored.flatten(0, 1), fresh), (layer, form)
 
 
+@pytest.mark.slow
 def test_replayed_view_is_bit_identical_to_the_dumped_input(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
     seen = []
     original = FeatureTaker.forward
@@ -197,6 +199,7 @@ def test_reader_refuses_a_file_without_complete_flag(data_cfg, teacher_ckpt, tmp
         Cache(path)
 
 
+@pytest.mark.slow
 def test_topk_cache_reconstructs_probabilities_at_t1(data_cfg, teacher_ckpt, tmp_path):
     full = Cache(dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "full", layers=[]))[0])
     top = Cache(dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path / "top", layers=[], topk=3))[0])
@@ -228,6 +231,7 @@ def test_views_all_enumerates_fifty(data_cfg, teacher_ckpt, tmp_path):
         assert len({tuple(p) for p in cache.view_params()[5]}) == 50
 
 
+@pytest.mark.slow
 def test_inspect_shows_every_form_and_verify_recomputes_each(data_cfg, teacher_ckpt, tmp_path):
     params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS)
     [path] = dump_teacher(params)

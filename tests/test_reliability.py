@@ -378,6 +378,7 @@ def test_bad_arguments_are_refused_before_any_work(args, words, data_cfg, teache
     assert not created, created  # no file, not even an empty output folder
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_refused(cli("evaluate", "missing.pt"), "checkpoint missing.pt does not exist")

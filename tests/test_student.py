@@ -113,6 +113,7 @@ def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_di
     assert metrics["labeled"] == 150
 
 
+@pytest.mark.slow
 def test_several_caches_must_share_views(data_cfg, teacher_ckpt, cache_dir, tmp_path):
     dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
         "teacher": str(teacher_ckpt), "out": str(tmp_path / "other"), "views": 3, "seed": 5, "workers": 0,
