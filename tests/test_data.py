@@ -156,7 +156,7 @@ def test_every_data_set_runs_end_to_end_from_its_raw_files(dataset, num_classes,
         "teacher": {"model": "resnet8", "epochs": 1, "batch_size": 16, "workers": 0, "out": str(tmp_path / "teacher")},
         "dump": {"teacher": str(tmp_path / "teacher" / "teacher.pt"), "views": 2, "layers": ["layer2"],
                  "batch_size": 64, "workers": 0, "out": str(tmp_path / "cache")},
-        "students": {"kd": {"model": "cnn_tiny", "epochs": 1, "batch_size": 16, "workers": 0, "mode": "kd",
+        "students": {"kd": {"model": "cnn_tiny", "epochs": 1, "batch_size": 16, "workers": 0,
                             "caches": [str(tmp_path / "cache" / "train.h5")],
                             "test_cache": str(tmp_path / "cache" / "test.h5"), "out": str(tmp_path / "student")}},
     }))
