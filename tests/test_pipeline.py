@@ -90,7 +90,7 @@ def test_editing_code_marks_the_stages_that_run_it(repo, edited, expected):
 @pytest.mark.slow
 def test_changing_one_student_reruns_it_and_the_summary_only(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["students"]["kd"]["temperature"] = 8.0
+    params["students"]["kd"]["loss"]["kd"]["temperature"] = 8.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
@@ -104,9 +104,9 @@ def test_changing_one_student_reruns_it_and_the_summary_only(repo):
 
 @pytest.mark.slow
 def test_exp_run_with_set_param(repo):
-    run(repo, "exp", "run", "-S", "students.kd.alpha=0.5")
+    run(repo, "exp", "run", "-S", "students.kd.loss.kd.weight=0.5")
     shown = run(repo, "exp", "show", "--json")
-    assert '"alpha": 0.5' in shown and "data/students/kd/metrics.json" in shown
+    assert '"weight": 0.5' in shown and "data/students/kd/metrics.json" in shown
 
 
 @pytest.mark.slow
