@@ -338,3 +338,52 @@ def test_the_same_weights_whether_the_cache_is_held_in_memory_or_read_from_disk(
         weights.append(torch.load(out / "student" / "student.pt", weights_only=True)["state_dict"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.fixture(scope="module")
+def forms_cache(data_cfg, teacher_ckpt, tmp_path_factory):
+    """train.h5 and test.h5 storing every form the methods read: layer2 map and attention, layer3 embedding."""
+    out = tmp_path_factory.mktemp("forms")
+    dump_teacher(validate({"data": data_cfg.model_dump(), "dump": {
+        "teacher": str(teacher_ckpt), "out": str(out), "views": 2, "feature_pool": 2, "workers": 0,
+        "layers": [{"name": "layer2", "forms": ["map", "attention"]}, {"name": "layer3", "forms": ["embedding"]}]}}))
+    return out
+
+
+EVERY_METHOD = {
+    "kd": {}, "dkd": {}, "fitnets": HINT, "at": {"pairs": [["block2", "layer2"]]},
+    "sp": {"pairs": [["block3", "layer3"]], "form": "embedding"}, "rkd": {"student": "block3", "teacher": "layer3"},
+    "pkt": {"student": "block3", "teacher": "layer3"}, "crd": {"student": "block3", "teacher": "layer3", "negatives": 64},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(EVERY_METHOD))
+def test_every_method_trains_from_the_cache_and_online_on_the_same_targets(data_cfg, teacher_ckpt, forms_cache,
+                                                                           tmp_path, trained_on, method):
+    from logitcache.student.methods import methods
+
+    assert set(EVERY_METHOD) == set(methods()) - {"logit_match"}  # every built-in method is covered
+    loss = {method: EVERY_METHOD[method]}
+    for online in (False, True):
+        params = validate({"data": data_cfg.model_dump(), "students": {"s": {
+            "model": "cnn_tiny", "epochs": 1, "batch_size": 100, "workers": 0, "loss": loss, "online": online,
+            "teacher": str(teacher_ckpt), "caches": [str(forms_cache / "train.h5")],
+            "test_cache": str(forms_cache / "test.h5"), "out": str(tmp_path / f"online{online}")}}})
+        metrics = train_student(params, "s")
+        history = json.loads((tmp_path / f"online{online}" / "history.json").read_text())
+        assert metrics["mode"] == method and metrics["online"] == online
+        assert all(np.isfinite(v) for k, v in history[0].items() if k.startswith("loss/"))
+    steps = len(trained_on) // 2  # the cached run's steps, then the online run's, over the same pairs
+    assert steps == 6
+    for cached_step, online_step in zip(trained_on[:steps], trained_on[steps:]):
+        assert np.array_equal(cached_step["pairs"], online_step["pairs"])
+        assert len(online_step["targets"].logits) == len(cached_step["targets"].logits)
+        for a, b in zip(cached_step["targets"].logits, online_step["targets"].logits):
+            assert torch.equal(a, b)
+        assert cached_step["targets"].features.keys() == online_step["targets"].features.keys()
+        for key, value in cached_step["targets"].features.items():
+            assert torch.equal(value, online_step["targets"].features[key]), key
+            stored = cached(forms_cache / "train.h5", f"{ {'map': 'features'}.get(key.form, key.form)}/{key.layer}",
+                            cached_step["pairs"]).float()
+            assert torch.equal(value, stored), key
