@@ -51,7 +51,8 @@ def cache_bytes(cache_path: str, loss: dict) -> int:
         return sum(cache.file[name].nbytes for name in reads) // cache.num_samples
 
 
-def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path) -> dict:
+def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path, train: bool = True) -> dict:
+    """Train one method for every seed (unless `train` is False: read the runs already in `out`), and sum it up."""
     loss, ce_weight = SETTINGS[name]
     base = load_params(params_path).students["kd"]
     per_epoch = math.ceil(60000 * 1.0 / base.batch_size)  # distilling students iterate over every cached row
@@ -63,14 +64,26 @@ def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path) -
                  f"students.kd.out={out / name}"]
     params = load_params(params_path, overrides)
     start = time.perf_counter()
-    metrics = train_student(params, "kd")
+    if train:
+        train_student(params, "kd")
+    metrics = json.loads((out / name / "metrics.json").read_text())
     runs = [json.loads((out / name / "runs" / f"seed{s}" / "history.json").read_text()) for s in seeds]
     steps = runs[0][-1]["steps"]
     seconds = statistics.mean(sum(h["seconds"] for h in hist) for hist in runs)
     return {"name": name, "steps": steps, "epochs": epochs, "acc": [metrics["per_seed"][str(s)]["test_acc"] for s in seeds],
             "agreement": metrics["agreement"], "seconds_per_step": seconds / steps,
-            "wall": time.perf_counter() - start,
+            "wall": time.perf_counter() - start, "reads": reads(loss),
             "bytes": cache_bytes(params.students["kd"].caches[0], loss) if loss else 0}
+
+
+def reads(loss: dict) -> list[str]:
+    """What the method, with these settings, reads from the cache."""
+    out = []
+    for name, settings in loss.items():
+        needs = methods()[name].needs(methods()[name].Config.model_validate(settings))
+        out += (["logits"] if needs.logits else []) + [f"teacher {t}" for t in needs.teacher] + \
+            [f"bank {t}" for t in needs.banks]
+    return out
 
 
 def table(rows: list[dict], seeds: list[int]) -> str:
@@ -82,7 +95,7 @@ def table(rows: list[dict], seeds: list[int]) -> str:
         m = info.get(r["name"], {"family": "baseline", "reads": []})
         mean = 100 * statistics.mean(r["acc"])
         std = 100 * statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0.0
-        reads = ", ".join(m["reads"]) or "nothing (labels only)"
+        reads = ", ".join(r["reads"]) or "nothing (labels only)"
         lines.append(f"| {r['name']} | {m['family']} | {reads} | {r['bytes']:,} | {r['steps']:,} | {mean:.2f} ± {std:.2f} | "
                      f"{100 * r['agreement']:.2f} | {r['seconds_per_step'] / ce['seconds_per_step']:.2f}× |")
     return "\n".join(lines)
@@ -115,14 +128,20 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
     ap.add_argument("--work", default="data/methods", help="where the runs are written")
     ap.add_argument("--out", default="docs", help="folder of methods.md and methods.png")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="with --render-only: the training time to quote (the runs' own wall time)")
+    ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --work")
     args = ap.parse_args()
-    rows = [run(args.params, name, args.seeds, args.epochs, Path(args.work)) for name in args.methods]
+    rows = [run(args.params, name, args.seeds, args.epochs, Path(args.work), train=not args.render_only)
+            for name in args.methods]
     text = table(rows, args.seeds)
     command = "python benchmarks/methods_table.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if v != ap.get_default(k))
-    block = (f"{BEGIN}\nMade by `{command.strip()}` ({len(args.seeds)} seeds, "
-             f"{sum(r['wall'] for r in rows) / 60:.0f} min here):\n\n{text}\n\n![test accuracy per method](methods.png)\n{END}")
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if v != ap.get_default(k) and k not in ("render_only", "minutes"))
+    minutes = args.minutes if args.render_only else sum(r["wall"] for r in rows) / 60
+    block = (f"{BEGIN}\nMade by `{command.strip()}` ({len(args.seeds)} seeds, {minutes:.0f} min here; "
+             f"`--render-only` rewrites this table from the runs in `--work`):\n\n{text}\n\n"
+             f"![test accuracy per method](methods.png)\n{END}")
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
