@@ -9,12 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import ddp_launch
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import ddp_launch
 from logitcache.core import models
 from logitcache.core.config import validate
 from logitcache.core.distributed import Dist

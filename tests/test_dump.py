@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.cache.format import form_dataset, open_cache

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from logitcache.cache.format import form_dataset
 from logitcache.cli import main
 from logitcache.core.config import validate
 from logitcache.core.errors import LogitcacheError
@@ -384,6 +385,5 @@ def test_every_method_trains_from_the_cache_and_online_on_the_same_targets(data_
         assert cached_step["targets"].features.keys() == online_step["targets"].features.keys()
         for key, value in cached_step["targets"].features.items():
             assert torch.equal(value, online_step["targets"].features[key]), key
-            stored = cached(forms_cache / "train.h5", f"{ {'map': 'features'}.get(key.form, key.form)}/{key.layer}",
-                            cached_step["pairs"]).float()
+            stored = cached(forms_cache / "train.h5", form_dataset(key.layer, key.form), cached_step["pairs"]).float()
             assert torch.equal(value, stored), key

@@ -4,8 +4,16 @@ import torch
 
 from logitcache.core.config import AugmentConfig
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import (EVAL_SEED, ViewRenderer, ViewSpec, crop_flip_codes, eval_view, params_from_codes,
-                                   render_batch, view_params)
+from logitcache.core.views import (
+    EVAL_SEED,
+    ViewRenderer,
+    ViewSpec,
+    crop_flip_codes,
+    eval_view,
+    params_from_codes,
+    render_batch,
+    view_params,
+)
 
 SPEC = ViewSpec(padding=2, flip=True)
 

@@ -6,8 +6,8 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch

@@ -7,8 +7,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic_core import to_jsonable_python
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from logitcache.core.config import Params
 

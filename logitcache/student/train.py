@@ -261,12 +261,13 @@ def _finish(params, cfg, plan, student, learner, history, out, config, checkpoin
     metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
     metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=mode_name(cfg),
                    labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
-                   steps=len(history) and history[-1].get("steps", 0))
+                   steps=history[-1]["steps"])
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
     save_checkpoint(out / "student.pt", _cpu(student.state_dict()), config,
-                    adapters=_cpu(_learned(learner.methods)),
+                    adapters=_cpu({f"{name}.{key}": value for name, method in learner.methods.items()
+                                   for key, value in method.learned_state().items()}),
                     model_info={"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
                                 **({"channels": layer_channels(student)} if cfg.init else {})})
     checkpointer.discard()  # the checkpoint, written last, marks the run finished
@@ -294,14 +295,6 @@ def _finished_run(out: Path, config: dict) -> dict | None:
     if load_checkpoint(out / "student.pt")["config"] != json.loads(json.dumps(config, sort_keys=True)):
         return None
     return json.loads((out / "metrics.json").read_text())
-
-
-def _learned(module: nn.Module) -> dict:
-    """The methods' parameters and the buffers they are used with (BatchNorm statistics), not their memories
-    (CRD's banks): what an adapter needs to be used again, without megabytes of per-sample state."""
-    state = module.state_dict()
-    memory = {name for name, buffer in module.named_buffers() if buffer.dim() == 2 and "memory" in name}
-    return {k: v for k, v in state.items() if k not in memory}
 
 
 def _cpu(state: dict) -> dict:

@@ -23,8 +23,16 @@ from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
-from logitcache.core.views import (ViewRenderer, ViewSpec, code_dtype, crop_flip_codes, eval_view, normalizer,
-                                   render_batch, view_params)
+from logitcache.core.views import (
+    ViewRenderer,
+    ViewSpec,
+    code_dtype,
+    crop_flip_codes,
+    eval_view,
+    normalizer,
+    render_batch,
+    view_params,
+)
 from logitcache.teacher import shards
 from logitcache.teacher.writer import BackgroundWriter, CacheWriter, refuse_existing
 

@@ -109,6 +109,10 @@ class Method(nn.Module):
                 at: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """What student.pt keeps of the method (adapters, heads); resume.pt keeps the whole state_dict."""
+        return self.state_dict()
+
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -128,6 +128,10 @@ class CRD(Method):
             return self.teacher_head(self.teacher_bank[index])
         return self.teacher_memory[index]
 
+    def learned_state(self):
+        """The heads, not the per-sample memories: they serve training only."""
+        return {k: v for k, v in self.state_dict().items() if not k.endswith("_memory")}
+
     def forward(self, student, teacher, batch, at):
         f_s = self.student_head(embedding(student.features[self.cfg.student].float()))
         f_t = self.teacher_head(teacher.features[self.key].float().flatten(1))
