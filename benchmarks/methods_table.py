@@ -7,17 +7,18 @@ needs. The script writes the results table between markers in docs/methods.md an
 picture (accuracy ± std per method) beside it.
 
     python benchmarks/methods_table.py                 # after `dvc repro dump_teacher`
-    python benchmarks/methods_table.py --seeds 0 --epochs 1 --out /tmp/methods   # a quick look
+    python benchmarks/methods_table.py --seeds 0 --steps 200 --work /tmp/methods --out /tmp/methods   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
+
+from docblock import write_block
 
 from logitcache.cache.format import form_dataset
 from logitcache.cache.reader import Cache
@@ -37,7 +38,6 @@ SETTINGS = {
     "pkt": ({"pkt": {"student": "block3", "teacher": "layer3"}}, 1.0),
     "crd": ({"crd": {"student": "block3", "teacher": "layer3"}}, 1.0),
 }
-BEGIN, END = "<!-- methods-results:begin -->", "<!-- methods-results:end -->"
 
 
 def cache_bytes(cache_path: str, loss: dict) -> int:
@@ -51,16 +51,12 @@ def cache_bytes(cache_path: str, loss: dict) -> int:
         return sum(cache.file[name].nbytes for name in reads) // cache.num_samples
 
 
-def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path, train: bool = True) -> dict:
+def run(params_path: str, name: str, seeds: list[int], steps: int | None, out: Path, train: bool = True) -> dict:
     """Train one method for every seed (unless `train` is False: read the runs already in `out`), and sum it up."""
     loss, ce_weight = SETTINGS[name]
-    base = load_params(params_path).students["kd"]
-    per_epoch = math.ceil(60000 * 1.0 / base.batch_size)  # distilling students iterate over every cached row
-    if not loss:  # the baseline iterates over the labeled rows: as many epochs as the same number of steps needs
-        labeled = round(base.labeled_fraction * 60000)
-        epochs = round(epochs * per_epoch / math.ceil(labeled / base.batch_size))
+    steps = steps or load_params(params_path).students["kd"].steps
     overrides = [f"students.kd.loss={json.dumps(loss)}", f"students.kd.ce_weight={ce_weight}",
-                 f"students.kd.epochs={epochs}", f"students.kd.seeds={json.dumps(seeds)}",
+                 f"students.kd.steps={steps}", f"students.kd.seeds={json.dumps(seeds)}",
                  f"students.kd.out={out / name}"]
     params = load_params(params_path, overrides)
     start = time.perf_counter()
@@ -70,7 +66,7 @@ def run(params_path: str, name: str, seeds: list[int], epochs: int, out: Path, t
     runs = [json.loads((out / name / "runs" / f"seed{s}" / "history.json").read_text()) for s in seeds]
     steps = runs[0][-1]["steps"]
     seconds = statistics.mean(sum(h["seconds"] for h in hist) for hist in runs)
-    return {"name": name, "steps": steps, "epochs": epochs, "acc": [metrics["per_seed"][str(s)]["test_acc"] for s in seeds],
+    return {"name": name, "steps": steps, "acc": [metrics["per_seed"][str(s)]["test_acc"] for s in seeds],
             "agreement": metrics["agreement"], "seconds_per_step": seconds / steps,
             "wall": time.perf_counter() - start, "reads": reads(loss),
             "bytes": cache_bytes(params.students["kd"].caches[0], loss) if loss else 0}
@@ -124,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of a distilling student (over every cached row)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every run; default: students.kd.steps")
     ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
     ap.add_argument("--work", default="data/methods", help="where the runs are written")
     ap.add_argument("--out", default="docs", help="folder of methods.md and methods.png")
@@ -132,26 +128,18 @@ def main() -> None:
                     help="with --render-only: the training time to quote (the runs' own wall time)")
     ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --work")
     args = ap.parse_args()
-    rows = [run(args.params, name, args.seeds, args.epochs, Path(args.work), train=not args.render_only)
+    rows = [run(args.params, name, args.seeds, args.steps, Path(args.work), train=not args.render_only)
             for name in args.methods]
     text = table(rows, args.seeds)
     command = "python benchmarks/methods_table.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if v != ap.get_default(k) and k not in ("render_only", "minutes"))
     minutes = args.minutes if args.render_only else sum(r["wall"] for r in rows) / 60
-    block = (f"{BEGIN}\nMade by `{command.strip()}` ({len(args.seeds)} seeds, {minutes:.0f} min here; "
-             f"`--render-only` rewrites this table from the runs in `--work`):\n\n{text}\n\n"
-             f"![test accuracy per method](methods.png)\n{END}")
     print(text)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = out / "methods.md"
-    current = doc.read_text() if doc.exists() else ""
-    if BEGIN in current and END in current:
-        current = current[:current.index(BEGIN)] + block + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip() + "\n\n## Results on the default data\n\n" + block + "\n"
-    doc.write_text(current)
+    write_block(out / "methods.md", "methods-results", "Results on the default data",
+                f"Made by `{command.strip()}` ({len(args.seeds)} seeds, {minutes:.0f} min here; `--render-only` "
+                f"rewrites this table from the runs in `--work`):\n\n{text}\n\n![test accuracy per method](methods.png)")
     picture(rows, out / "methods.png")
 
 

@@ -9,7 +9,8 @@ from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import check_output_folder, write_json
 
-COLUMNS = ("test_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "seconds_per_epoch",
+COLUMNS = ("test_acc", "val_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "steps",
+           "train_seconds",
            "onnx_bytes", "int8_bytes", "int8_acc_drop", "eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
 
 
@@ -25,7 +26,8 @@ def summarize(params: Params, out: str | Path = "data/summary") -> dict:
         row.update(_deployment(Path(params.export.out) / name / "metrics.json"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std") if row.get(k) is not None} for name, row in rows.items()}
+    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std", "val_acc_std") if row.get(k) is not None}
+            for name, row in rows.items()}
     write_json(out / "metrics.json", flat)
     (out / "summary.md").write_text(markdown(rows))
     return flat
@@ -49,17 +51,37 @@ def _deployment(path: Path) -> dict:
 
 
 def markdown(rows: dict[str, dict]) -> str:
-    head = ("| model | arch | mode | test acc (%) | agreement (%) | KL to teacher | params | compression | latency (ms) "
-            "| s/epoch | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) | batch-1 ms: eager / ORT / ORT int8 |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| model | arch | mode | test acc (%) | val acc (%) | checkpoint | agreement (%) | KL to teacher | params "
+            "| compression | latency (ms) | steps | train time (s) | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) "
+            "| batch-1 ms: eager / ORT / ORT int8 |")
+    lines = [head, "|" + "---|" * 17]
     for name, r in rows.items():
-        acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if r.get("test_acc_std") else "")
         lines.append("| " + " | ".join([
-            name, r["model"], r.get("mode", ""), acc, _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
+            name, r["model"], r.get("mode", ""), _mean_std(r, "test_acc"), _mean_std(r, "val_acc"), _checkpoint(r),
+            _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
             f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
-            _num(r.get("seconds_per_epoch"), ".1f"), str(len(r.get("seeds", [])) or 1), _sizes(r),
+            _num(r.get("steps"), ",.0f"), _num(r.get("train_seconds"), ".0f"), str(len(r.get("seeds", [])) or 1), _sizes(r),
             _num(None if r.get("int8_acc_drop") is None else 100 * r["int8_acc_drop"], ".2f"), _latencies(r)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(r: dict, key: str) -> str:
+    if r.get(key) is None:
+        return "–"
+    return f"{100 * r[key]:.2f}" + (f" ± {100 * r[f'{key}_std']:.2f}" if r.get(f"{key}_std") else "")
+
+
+def _checkpoint(r: dict) -> str:
+    """Which weights were scored on the test split: the best on validation or the last; the step of each seed's."""
+    if "select" not in r:
+        return "–"
+    if "per_seed" in r:
+        where = "steps " + ", ".join(f"{s['selected_step']:,}" for s in r["per_seed"].values())
+    elif "selected_step" in r:
+        where = f"step {r['selected_step']:,}"
+    else:
+        where = f"epoch {r['selected']}"
+    return f"{r['select']} on val ({where})"
 
 
 def _pct(value) -> str:

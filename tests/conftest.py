@@ -17,7 +17,7 @@ def data_cfg(tmp_path_factory) -> DataConfig:
     """Real Fashion-MNIST, first 600 train and 300 test samples."""
     if not FMNIST.exists():
         pytest.fail(f"{FMNIST} missing: install Debian's dataset-fashion-mnist (see .ci/run)")
-    cfg = DataConfig(root=str(tmp_path_factory.mktemp("prepared")), train_limit=600, test_limit=300)
+    cfg = DataConfig(root=str(tmp_path_factory.mktemp("prepared")), train_limit=600, test_limit=300, validation=60)
     prepare_data(cfg)
     return cfg
 

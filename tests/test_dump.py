@@ -248,7 +248,7 @@ def test_inspect_shows_every_form_and_verify_recomputes_each(data_cfg, teacher_c
         line = rf"^  {layer}\s+{form}\s+{dataset}\s+{re.escape(shape)}\s+{size}\s*{setting}$"
         assert re.search(line, plain.output, re.MULTILINE), (line, plain.output)
     assert re.search(r"^  views/code\s+\(600, 3\)\s+uint8\s+3 B/sample$", plain.output, re.MULTILINE), plain.output
-    data_args = ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300"]
+    data_args = ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "data.validation=60"]
     ok = runner.invoke(main, ["inspect", str(path), "--verify", "--teacher", str(teacher_ckpt), *data_args, "--json"])
     assert ok.exit_code == 0, ok.output
     assert set(json.loads(ok.output)["verify"]["cosine"]) == {"layer1:attention", "layer1:embedding", "layer2:map",
@@ -292,7 +292,7 @@ def _ok(result):
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_identical_content(data_cfg, teacher_ckpt, tmp_path):
     args = [sys.executable, "-m", "logitcache", "dump-teacher", "-S", f"data.root={data_cfg.root}",
-            "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "dump.splits=[train]",
+            "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "data.validation=60", "-S", "dump.splits=[train]",
             "-S", "dump.views=8", "-S", "dump.layers=[layer1]", "-S", "dump.feature_pool=0",
             "-S", "dump.batch_size=64", "-S", "dump.workers=0", "--teacher", str(teacher_ckpt)]
     reference = tmp_path / "reference"

@@ -24,7 +24,7 @@ def run(repo: Path, *args: str) -> str:
 
 
 def shrink(params: dict) -> dict:
-    params["data"].update(train_limit=400, test_limit=200)
+    params["data"].update(train_limit=400, test_limit=200, validation=40)
     params["teacher"].update(epochs=1, batch_size=64, workers=0)
     params["dump"].update(views=2, workers=0, batch_size=256)
     params["students"] = {name: {**params["students"][name], "epochs": 1, "seeds": [0, 1], "workers": 0}

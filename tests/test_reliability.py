@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def data_args(data_cfg) -> list[str]:
-    return ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300"]
+    return ["-S", f"data.root={data_cfg.root}", "-S", "data.train_limit=600", "-S", "data.test_limit=300", "-S", "data.validation=60"]
 
 
 def cli(*args):

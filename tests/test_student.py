@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from logitcache.cache.format import form_dataset
 from logitcache.cli import main
 from logitcache.core.config import validate
+from logitcache.core.data import holdout
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewRenderer, ViewSpec
 from logitcache.student.methods import TeacherInput
@@ -94,24 +95,29 @@ def test_round_robin_cycles_views_and_random_varies(data_cfg, cache_dir, tmp_pat
 
 
 def test_labeled_fraction_masks_ce_rows(tmp_path):
-    params = validate({"students": {"s": {"labeled_fraction": 0.1, "labels_seed": 3}}})
-    mask = labeled_mask(params.students["s"], 600)
-    assert mask.sum() == 60
+    params = validate({"data": {"validation": 60}, "students": {"s": {"labeled_fraction": 0.1, "labels_seed": 3}}})
+    train_rows, held = holdout(params.data, 600)
+    mask = labeled_mask(params.students["s"], 600, train_rows)
+    assert mask.sum() == 54 and not mask[held].any()  # 10 % of the 540 training rows, no validation row
     other_seed = params.students["s"].model_copy(update={"seed": 9})
-    assert np.array_equal(labeled_mask(other_seed, 600), mask)  # same labeled rows for every student seed
+    assert np.array_equal(labeled_mask(other_seed, 600, train_rows), mask)  # same labeled rows for every student seed
     path = tmp_path / "labeled.json"
-    path.write_text(json.dumps([1, 5, 7]))
+    chosen = train_rows[[1, 5, 7]].tolist()
+    path.write_text(json.dumps(chosen))
     explicit = params.students["s"].model_copy(update={"labeled_indices": str(path)})
-    assert np.flatnonzero(labeled_mask(explicit, 600)).tolist() == [1, 5, 7]
-    path.write_text(json.dumps([1, 900]))
+    assert np.flatnonzero(labeled_mask(explicit, 600, train_rows)).tolist() == chosen
+    path.write_text(json.dumps([chosen[0], 900]))
     with pytest.raises(LogitcacheError, match=r"in \[0, 600\)"):
-        labeled_mask(explicit, 600)
+        labeled_mask(explicit, 600, train_rows)
+    path.write_text(json.dumps([chosen[0], int(held[3])]))
+    with pytest.raises(LogitcacheError, match=rf"include 1 validation row\(s\), first \[{held[3]}\]"):
+        labeled_mask(explicit, 600, train_rows)
 
 
 def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_dir, tmp_path):
     metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, loss={}, epochs=1,
                                            labeled_fraction=0.25), "s")
-    assert metrics["labeled"] == 150
+    assert metrics["labeled"] == 135  # a quarter of the 540 rows left after the 60 validation rows
 
 
 @pytest.mark.slow
@@ -206,7 +212,7 @@ def test_online_targets_equal_the_cached_targets_of_the_same_pairs(data_cfg, tea
     params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT}, epochs=1, online=True,
                             teacher=str(teacher_ckpt))
     assert train_student(params, "s")["online"]
-    assert len(trained_on) == 10  # 600 rows in batches of 64
+    assert len(trained_on) == 9  # 540 training rows (600 less 60 validation rows) in batches of 64
     for step in trained_on:
         assert torch.equal(step["targets"].logits[0], cached(cache_dir / "train.h5", "logits", step["pairs"]).float())
         assert torch.equal(step["targets"].features[TeacherInput("layer2", "map")],
@@ -319,7 +325,7 @@ def test_bad_labeled_indices_files_are_refused(tmp_path, content):
     path.write_text(content)
     cfg = validate({"students": {"s": {"labeled_indices": str(path)}}}).students["s"]
     with pytest.raises(LogitcacheError, match="non-empty JSON list of integer"):
-        labeled_mask(cfg, 600)
+        labeled_mask(cfg, 600, np.arange(600))
 
 
 def test_negative_seeds_are_refused():

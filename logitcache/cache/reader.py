@@ -92,14 +92,19 @@ class Cache:
                                 torch.from_numpy(self.read("topk_indices", selection)),
                                 torch.from_numpy(self.read("topk_lse", selection)), self.num_classes)
 
+    def check_identity(self, identity: dict) -> None:
+        """Refuse a cache made from another data set or split (`Split.identity` or `split_identity`)."""
+        made = self.meta["dataset"]
+        which = "training" if identity["split"] == "train" else identity["split"]
+        for key in ("name", "split", "count", "fingerprint"):
+            if made[key] != identity[key]:
+                raise LogitcacheError(f"{self.path}: cache was made from {key} {made[key]!r}, "
+                                      f"the {which} data has {key} {identity[key]!r}; dump the teacher "
+                                      "on this data")
+
     def check_matches(self, split: Split) -> None:
         """Refuse a cache made from other data: one line naming what differs."""
-        made = self.meta["dataset"]
-        for key, ours in (("name", split.dataset), ("split", split.name), ("count", len(split)),
-                          ("fingerprint", split.fingerprint)):
-            if made[key] != ours:
-                raise LogitcacheError(f"{self.path}: cache was made from {key} {made[key]!r}, "
-                                      f"the training data has {key} {ours!r}; dump the teacher on this data")
+        self.check_identity(split.identity())
         norm = self.meta["transform"]["normalize"]  # the teacher's inputs: another transform, other targets
         if (norm["mean"], norm["std"]) != (list(split.mean), list(split.std)):
             raise LogitcacheError(f"{self.path}: cache was made with normalisation mean {norm['mean']} std {norm['std']}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import NonNegative
@@ -87,6 +87,10 @@ class DataConfig(Section):
     image_size: int = Field(32, ge=8, le=512, description="imagefolder only: images are resized to this")
     train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples")
     test_limit: int | None = Field(None, ge=1, description="keep only the first N test samples")
+    validation: int = Field(5000, ge=0, description="training rows held out as the validation split, the same for "
+                            "the teacher and every student: scored after every epoch, never trained on; 0 = none "
+                            "(then only select: last)")
+    validation_seed: int = Field(0, ge=0, description="seed of which training rows are held out")
 
     _check_root = field_validator("root")(_folder)
 
@@ -105,6 +109,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the teacher's cross-entropy "
                                    "(students do not use it)")
     augment: AugmentConfig = Field(AugmentConfig(), description="random augmentation of the training images")
+    select: Literal["best", "last"] = Field("best", description="the weights reported and saved: those of the "
+                                            "evaluation with the best validation accuracy, or the last; the test "
+                                            "split is scored once, on them, after training")
     seed: int = Field(0, ge=0, description="seed of initialisation, shuffling and augmentation")
     workers: int = Field(1, ge=0, description="DataLoader worker processes")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu")
@@ -212,7 +219,14 @@ class StudentConfig(TrainConfig):
 
     model: str = Field("cnn_small", description="student architecture (logitcache models lists them)")
     epochs: int = Field(10, ge=1, description="passes over the training rows: the labeled ones for ce, every cached "
-                        "one otherwise")
+                        "one otherwise (ignored when steps is set)")
+    steps: int | None = Field(None, ge=1, description="training length in optimizer steps (samples seen = steps x "
+                              "batch_size), whatever the rows: give every student of a comparison the same; a student "
+                              "loops over its rows as often as that needs")
+    evaluations: int | None = Field(None, ge=1, description="validation scores (and resumable checkpoints) per run, "
+                                    "evenly spaced in steps; null = one per pass over the rows")
+    labeled_repeat: int = Field(1, ge=1, description="with a cache: every pass shows each labeled row this many "
+                                "times (the others once), so the CE term sees more labeled rows per step")
     lr: float = Field(0.05, gt=0, description="peak learning rate of SGD with Nesterov momentum")
     loss: dict[str, dict[str, Any] | None] = Field(
         default_factory=lambda: {"kd": {}},
@@ -293,6 +307,17 @@ class Params(Section):
     prune: PruneConfig = Field(PruneConfig(), description="structured channel pruning (prune)")
     pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
                                          "cache (init: the output of logitcache prune)")
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self):
+        if self.data.validation == 0:
+            chosen = {"teacher": self.teacher, **{f"students.{k}": v for k, v in self.students.items()},
+                      **({"pruned": self.pruned} if self.pruned else {})}
+            best = [name for name, cfg in chosen.items() if cfg.select == "best"]
+            if best:
+                raise ValueError(f"{best[0]}.select: best needs a validation split; set data.validation > 0 or "
+                                 f"{best[0]}.select: last")
+        return self
 
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
@@ -382,5 +407,7 @@ def _one_line(error: ValidationError) -> tuple[str, str]:
     if first["type"] == "extra_forbidden":
         return loc, f"unknown key '{loc}'; check its spelling against docs/params.md"
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections names its keys itself
+        return loc, msg
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return loc, f"{loc}: {msg}, got {first.get('input')!r}{more}"

@@ -210,6 +210,27 @@ def load_split(cfg: DataConfig, split: str) -> Split:
     )
 
 
+def split_identity(cfg: DataConfig, split: str) -> dict:
+    """A prepared split's identity from meta.json alone, as `Split.identity` gives it, without reading its arrays."""
+    meta_path = dataset_dir(cfg) / "meta.json"
+    if not meta_path.is_file():
+        raise LogitcacheError(f"no prepared data at {meta_path.parent}; run `logitcache prepare-data` first")
+    meta = json.loads(meta_path.read_text())
+    entry = meta["splits"][split]
+    return {"name": meta["dataset"], "split": split, "count": entry["count"], "fingerprint": entry["fingerprint"]}
+
+
+def holdout(cfg: DataConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of a training split of n rows: `cfg.validation` rows, drawn with
+    `validation_seed`, are held out from every model's training and score its epochs instead."""
+    if cfg.validation > n // 2:
+        raise LogitcacheError(f"data.validation {cfg.validation} would hold out more than half of the {n} training "
+                              f"rows; lower it, e.g. -S data.validation={n // 10}")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(cfg.validation_seed).permutation(n)[:cfg.validation]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 class IndexedDataset(Dataset):
     """Yields (image, label, index): the index is the sample's stable row in its split."""
 

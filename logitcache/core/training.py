@@ -11,15 +11,18 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from logitcache.core import interrupt
 from logitcache.core.config import TrainConfig
+from logitcache.core.data import IndexedDataset, Split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_checkpoint, save_checkpoint
+from logitcache.core.views import normalizer
 
 
 def select_device(name: str, dist: Dist = Dist.single()) -> torch.device:
@@ -95,10 +98,10 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, steps_per_epoch: int):
+def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, total: int):
+    """SGD (Nesterov) and the learning-rate schedule over the run's `total` optimizer steps."""
     optimizer = torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle" and total >= 8:  # one-cycle needs a few steps per phase
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
     elif cfg.schedule == "cosine":
@@ -152,7 +155,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     seconds = time.perf_counter() - start
     names = sorted(term_sums)
     seen, loss_sum, correct, *term_values = dist.sum([seen, *totals.tolist(), *(float(term_sums[k]) for k in names)])
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds, "img_per_s": seen / seconds,
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "samples": int(seen), "seconds": seconds,
+            "img_per_s": seen / seconds,
             **{f"loss/{name}": value / seen for name, value in zip(names, term_values)}}
 
 
@@ -176,6 +180,49 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, prepare:
         outputs.append(logits.float().cpu())
         targets.append(labels)
     return torch.cat(outputs), torch.cat(targets)
+
+
+def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device) -> Callable[[], dict]:
+    """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy."""
+    loader = make_loader(Subset(IndexedDataset(split, nn.Identity()), rows.tolist()), 512, shuffle=False, seed=0,
+                         workers=0, device=device)
+    prepare = normalizer(split.mean, split.std)
+
+    def score() -> dict:
+        if not len(rows):
+            return {}
+        logits, labels = predict(model, loader, device, prepare)
+        return {"val_acc": topk_accuracy(logits, labels, 1), "val_loss": F.cross_entropy(logits, labels).item()}
+
+    return score
+
+
+class Selector:
+    """The weights a run reports: those of the evaluation with the best validation accuracy (the first of equals),
+    or the last. Its state goes into resume.pt, so a resumed run selects as an uninterrupted one."""
+
+    def __init__(self, module: nn.Module, mode: str):
+        self.module, self.mode = module, mode
+        self.chosen: dict = {}  # round, val_acc and, for "best", a copy of the weights
+
+    def update(self, round: int, scores: dict) -> None:
+        if self.mode == "last":
+            self.chosen = {"round": round, "val_acc": scores.get("val_acc")}
+        elif not self.chosen or scores["val_acc"] > self.chosen["val_acc"]:
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            self.chosen = {"round": round, "val_acc": scores["val_acc"], "state": state}
+
+    def restore(self) -> dict:
+        """Load the chosen weights into the module; return which evaluation they come from and its score."""
+        if "state" in self.chosen:
+            self.module.load_state_dict(self.chosen["state"])
+        return {"select": self.mode, "selected": self.chosen["round"], "val_acc": self.chosen["val_acc"]}
+
+    def state_dict(self) -> dict:
+        return self.chosen
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chosen = state
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -234,12 +281,14 @@ class Checkpointer:
             self.path.unlink(missing_ok=True)
 
 
-def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointer, resume: bool) -> list[dict]:
-    """Run epochs [start, epochs), saving resumable state after each; start > 0 only with resume."""
+def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointer, resume: bool,
+        unit: str = "epoch") -> list[dict]:
+    """Run epochs (or another `unit` of training between evaluations) [start, epochs), saving resumable state
+    after each; start > 0 only with resume."""
     checkpointer.begin(resume)
     start, history = checkpointer.restore() if resume else (0, [])
     if start and checkpointer.dist.is_main:
-        print(f"{checkpointer.path}: resuming at epoch {start + 1} of {epochs}", flush=True)
+        print(f"{checkpointer.path}: resuming at {unit} {start + 1} of {epochs}", flush=True)
     for epoch in range(start, epochs):
         interrupt.check()
         history.append(run_epoch(epoch))

@@ -24,7 +24,8 @@ from logitcache.core.views import ViewRenderer, render_batch
 class ViewBatchSampler(Sampler):
     """Batches of (row, view) pairs; which view a row shows changes each epoch (random or round-robin).
 
-    With `block` > 1 it shuffles blocks of consecutive rows, so disk reads stay chunk-friendly.
+    With `block` > 1 it shuffles the order of blocks of consecutive rows, and the rows within each block,
+    so a batch's rows come from one or two blocks and disk reads stay chunk-friendly.
     Under torchrun every rank draws the same global batches and keeps its contiguous part
     of each, so the ranks together cover exactly the single-process epoch; a last batch
     smaller than the world is dropped on every rank alike.
@@ -46,7 +47,7 @@ class ViewBatchSampler(Sampler):
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         starts = np.arange(0, len(self.rows), self.block)
-        order = np.concatenate([self.rows[s:s + self.block] for s in rng.permutation(starts)])
+        order = np.concatenate([rng.permutation(self.rows[s:s + self.block]) for s in rng.permutation(starts)])
         if self.mode == "random":
             views = rng.integers(0, self.views, size=len(order))
         else:
@@ -56,6 +57,33 @@ class ViewBatchSampler(Sampler):
             if hi - lo >= self.world:  # this rank's contiguous part: neighbouring rows, chunk-friendly reads
                 mine = slice(lo + (hi - lo) * self.rank // self.world, lo + (hi - lo) * (self.rank + 1) // self.world)
                 yield list(zip(order[mine].tolist(), views[mine].tolist()))
+
+
+class StepStream(Sampler):
+    """Global steps [start, stop) of a run that loops over its passes as often as its step budget needs.
+
+    Step s is batch s mod P of pass s // P (P batches per pass): each pass is the sampler's epoch of that
+    number, so a run's batches depend on its seed and budget alone, and any range of steps can be replayed.
+    """
+
+    def __init__(self, passes: ViewBatchSampler):
+        self.passes, self.start, self.stop = passes, 0, 0
+        self._pass, self._batches = None, []
+
+    def cover(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        per_pass = len(self.passes)
+        for step in range(self.start, self.stop):
+            number, i = divmod(step, per_pass)
+            if number != self._pass:
+                self.passes.set_epoch(number)
+                self._pass, self._batches = number, list(self.passes)
+            yield self._batches[i]
 
 
 class CachedColumn:

@@ -18,7 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from logitcache.cache.format import form_dataset, stored_forms
 from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig, save_config
-from logitcache.core.data import Split, load_split
+from logitcache.core.data import Split, holdout, load_split, split_identity
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
@@ -28,6 +28,7 @@ from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
     RESUME,
     Checkpointer,
+    Selector,
     autocast,
     data_parallel,
     fit,
@@ -40,9 +41,10 @@ from logitcache.core.training import (
     select_device,
     to_input,
     train_epoch,
+    validation_scorer,
 )
 from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
-from logitcache.student.batches import CachedColumn, StudentBatches, ViewBatchSampler
+from logitcache.student.batches import CachedColumn, StepStream, StudentBatches, ViewBatchSampler
 from logitcache.student.evaluate import evaluate_model
 from logitcache.student.losses import masked_ce
 from logitcache.student.methods import (
@@ -86,13 +88,15 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
 
 def aggregate(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and (sample) standard deviation of every numeric metric over seeds, plus each seed's figures."""
-    summary: dict = {"seeds": list(seeds), "mode": runs[0]["mode"], "online": runs[0]["online"]}
+    summary: dict = {"seeds": list(seeds), "mode": runs[0]["mode"], "online": runs[0]["online"],
+                     "select": runs[0]["select"]}
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [r[key] for r in runs]
             summary[key] = float(np.mean(values))
             summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    summary["per_seed"] = {str(s): {k: r[k] for k in ("test_acc", "agreement", "kl_to_teacher")} for s, r in zip(seeds, runs)}
+    summary["per_seed"] = {str(s): {k: r[k] for k in ("test_acc", "val_acc", "agreement", "kl_to_teacher", "selected_step")}
+                           for s, r in zip(seeds, runs)}
     return summary
 
 
@@ -101,8 +105,9 @@ class Plan:
     """What a run needs to know before building anything: data, labeled rows, caches, methods and their needs."""
 
     train: Split
+    validation: np.ndarray  # the held-out rows that score each evaluation, never trained on
     labeled: np.ndarray  # bool per training row: may CE use its label
-    rows: np.ndarray  # the rows an epoch iterates over
+    rows: np.ndarray  # the rows a pass iterates over (labeled ones `labeled_repeat` times)
     methods: dict[str, MethodConfig]
     needs: Needs  # union over the methods
     cache: dict | None  # first cache's view parameters and metadata; None for a CE-only student
@@ -117,13 +122,17 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     chosen = parse_loss(cfg.loss, f"students.{name}")
     needs = _union([methods()[m].needs(c) for m, c in chosen.items()])
     train = load_split(params.data, "train")
+    train_rows, validation = holdout(params.data, len(train))
     meta = _open_caches(cfg, train, needs) if chosen else None
-    labeled = labeled_mask(cfg, len(train))
-    if cfg.test_cache and Path(cfg.test_cache).exists():  # as evaluate_model uses it, but checked before training
-        with Cache(cfg.test_cache) as cache:
-            cache.check_matches(load_split(params.data, "test"))
-    rows = np.arange(len(train)) if chosen else np.flatnonzero(labeled)
-    return Plan(train, labeled, rows, chosen, needs, meta)
+    labeled = labeled_mask(cfg, len(train), train_rows)
+    if cfg.test_cache and Path(cfg.test_cache).exists():  # checked before training, from meta.json: the test
+        with Cache(cfg.test_cache) as cache:               # split itself is read once, after training
+            cache.check_identity(split_identity(params.data, "test"))
+    if not chosen:
+        rows = np.flatnonzero(labeled)
+    else:
+        rows = np.concatenate([train_rows, *[np.flatnonzero(labeled)] * (cfg.labeled_repeat - 1)])
+    return Plan(train, validation, labeled, rows, chosen, needs, meta)
 
 
 def _union(all_needs: list[Needs]) -> Needs:
@@ -197,49 +206,79 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
 
     plan = plan_run(params, cfg, name)
     student, learner = build_learner(plan, cfg, device)
-    dataset, sampler = _batches(cfg, plan, dist)
+    dataset, passes = _batches(cfg, plan, dist)
+    budget = Budget.of(cfg, len(passes))
+    stream = StepStream(passes)
     loader = make_loader(dataset, None, shuffle=False, seed=cfg.seed, workers=cfg.workers, device=device,
-                         sampler=sampler)
-    optimizer, scheduler = make_optimizer(learner.parameters(), cfg, len(sampler))
+                         sampler=stream)
+    optimizer, scheduler = make_optimizer(learner.parameters(), cfg, budget.total)
     model = data_parallel(learner, device, dist)
     teacher_for = _online_teacher(cfg, plan, device) if cfg.online and plan.methods else None
+    validate = validation_scorer(student, plan.train, plan.validation, device)
+    selector = Selector(learner, cfg.select)
     checkpointer = Checkpointer(out, [out / "student.pt", Path(cfg.out) / "metrics.json"],
                                 {**config, "world_size": dist.world_size},
-                                {"learner": learner, "optimizer": optimizer, "scheduler": scheduler}, dist)
-    step = Stepper(model, cfg, plan, device, dist, teacher_for, steps_per_epoch=len(sampler))
+                                {"learner": learner, "optimizer": optimizer, "scheduler": scheduler,
+                                 "selector": selector}, dist)
+    step = Stepper(model, cfg, plan, device, dist, teacher_for, steps_per_pass=len(passes), total=budget.total)
 
-    def run_epoch(epoch: int) -> dict:
-        seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)
-        sampler.set_epoch(epoch)
-        step.epoch = epoch
-        stats = train_epoch(model, loader, step, optimizer, scheduler, epoch=epoch + 1,
-                            desc=f"{name} {epoch + 1}/{cfg.epochs}", dist=dist)
+    def run_round(r: int) -> dict:
+        start, stop = budget.steps_of(r)
+        seed_epoch(cfg.seed, dist.rank, r, loader.generator)
+        stream.cover(start, stop)
+        step.at = start
+        stats = train_epoch(model, loader, step, optimizer, scheduler, epoch=r + 1,
+                            desc=f"{name} {r + 1}/{budget.rounds}", dist=dist)
+        stats = {"round": r + 1, "steps": stop, "epoch": stop / len(passes), **stats}
         if dist.is_main:
-            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} "
-                  f"train acc {stats['train_acc']:.4f} ({stats['seconds']:.1f} s)", flush=True)
-        return {"epoch": epoch + 1, "steps": (epoch + 1) * len(sampler), **stats}
+            stats.update(validate())
+            selector.update(r + 1, stats)
+            scored = f" val acc {stats['val_acc']:.4f}" if "val_acc" in stats else ""
+            print(f"{name} step {stop:,}/{budget.total:,} (epoch {stats['epoch']:.2f}): loss {stats['train_loss']:.4f} "
+                  f"train acc {stats['train_acc']:.4f}{scored} ({stats['seconds']:.1f} s)", flush=True)
+        return stats
 
     try:
-        history = fit(cfg.epochs, run_epoch, checkpointer, resume)
+        history = fit(budget.rounds, run_round, checkpointer, resume, unit="evaluation")
     finally:
         dataset.close()
-    return _finish(params, cfg, plan, student, learner, history, out, config, checkpointer, device, dist)
+    return _finish(params, cfg, plan, student, selector, learner, history, out, config, checkpointer, device, dist)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A run's length in optimizer steps, cut into evenly spaced evaluations (validation score, checkpoint)."""
+
+    total: int
+    every: int
+
+    @classmethod
+    def of(cls, cfg: StudentConfig, steps_per_pass: int) -> "Budget":
+        total = cfg.steps or cfg.epochs * steps_per_pass
+        return cls(total, -(-total // cfg.evaluations) if cfg.evaluations else steps_per_pass)
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.total // self.every)
+
+    def steps_of(self, r: int) -> tuple[int, int]:
+        return r * self.every, min(self.total, (r + 1) * self.every)
 
 
 class Stepper:
     """One training step's forward: the batch's targets (cached, or from the live teacher), then the learner."""
 
-    def __init__(self, model, cfg: StudentConfig, plan: Plan, device, dist: Dist, teacher_for, steps_per_epoch: int):
+    def __init__(self, model, cfg: StudentConfig, plan: Plan, device, dist: Dist, teacher_for, steps_per_pass: int,
+                 total: int):
         self.model, self.cfg, self.device, self.dist, self.teacher_for = model, cfg, device, dist, teacher_for
         self.prepare = normalizer(plan.train.mean, plan.train.std)
-        self.steps_per_epoch, self.total = steps_per_epoch, cfg.epochs * steps_per_epoch
-        self.epoch, self.i = 0, 0
+        self.steps_per_pass, self.total = steps_per_pass, total
+        self.at = 0  # the run's global step
 
     def __call__(self, batch):
         images, labels, labeled, rows, logits, features = batch
-        step = self.epoch * self.steps_per_epoch + self.i
-        self.i = (self.i + 1) % self.steps_per_epoch
-        at = Progress(step / max(1, self.total - 1), step / self.steps_per_epoch)
+        step, self.at = self.at, self.at + 1
+        at = Progress(step / max(1, self.total - 1), step / self.steps_per_pass)
         x = to_input(images, self.device, self.prepare)
         if self.teacher_for is not None:
             teacher = self.teacher_for(x)
@@ -252,16 +291,20 @@ class Stepper:
         return loss, logits, info.labels, terms
 
 
-def _finish(params, cfg, plan, student, learner, history, out, config, checkpointer, device, dist) -> dict:
-    """Rank 0 evaluates on the test split and writes metrics, history, config and the checkpoint (last)."""
+def _finish(params, cfg, plan, student, selector, learner, history, out, config, checkpointer, device, dist) -> dict:
+    """Rank 0 takes the selected weights, scores them on the test split (its only read of it) and writes metrics,
+    history, config and the checkpoint (last)."""
     if not dist.is_main:
         dist.barrier()
         return {}
     train = plan.train
+    selected = selector.restore()
     metrics = evaluate_model(student, params.data, device, cfg.test_cache, confusion=out / "confusion.json")
-    metrics.update(seconds_per_epoch=sum(h["seconds"] for h in history) / len(history), mode=mode_name(cfg),
-                   labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
-                   steps=history[-1]["steps"])
+    steps = history[-1]["steps"]
+    metrics.update(selected, selected_step=history[selected["selected"] - 1]["steps"], mode=mode_name(cfg),
+                   labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size, steps=steps,
+                   samples=sum(h["samples"] for h in history), train_seconds=sum(h["seconds"] for h in history),
+                   seconds_per_epoch=sum(h["seconds"] for h in history) / history[-1]["epoch"])
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")
@@ -301,8 +344,9 @@ def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def labeled_mask(cfg: StudentConfig, n: int) -> np.ndarray:
-    """Which rows the CE term may use: an explicit index list, or a seeded fraction shared by all student seeds."""
+def labeled_mask(cfg: StudentConfig, n: int, train_rows: np.ndarray) -> np.ndarray:
+    """Which rows the CE term may use: an explicit index list, or a seeded fraction of the training rows (never a
+    validation row) shared by all student seeds."""
     mask = np.zeros(n, dtype=bool)
     if cfg.labeled_indices:
         path = Path(cfg.labeled_indices)
@@ -317,10 +361,14 @@ def labeled_mask(cfg: StudentConfig, n: int) -> np.ndarray:
         indices = np.asarray(values, dtype=np.int64)
         if indices.min() < 0 or indices.max() >= n:
             raise LogitcacheError(f"labeled_indices in {path} must be integers in [0, {n})")
+        held = np.setdiff1d(indices, train_rows)
+        if len(held):
+            raise LogitcacheError(f"labeled_indices in {path} include {len(held)} validation row(s), first "
+                                  f"{held[:5].tolist()}; leave them out, or change data.validation / validation_seed")
         mask[indices] = True
         return mask
-    count = max(1, round(cfg.labeled_fraction * n))
-    mask[np.random.default_rng(cfg.labels_seed).permutation(n)[:count]] = True
+    count = max(1, round(cfg.labeled_fraction * len(train_rows)))
+    mask[np.random.default_rng(cfg.labels_seed).permutation(train_rows)[:count]] = True
     return mask
 
 

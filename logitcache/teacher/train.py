@@ -6,15 +6,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Subset
 
 from logitcache.core.config import Params, save_config
-from logitcache.core.data import IndexedDataset, load_split
+from logitcache.core.data import IndexedDataset, holdout, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
 from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
+    Selector,
     autocast,
     data_parallel,
     fit,
@@ -29,6 +30,7 @@ from logitcache.core.training import (
     to_input,
     topk_accuracy,
     train_epoch,
+    validation_scorer,
 )
 from logitcache.core.views import ViewSpec, normalizer
 
@@ -44,22 +46,24 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     out = Path(cfg.out)
     check_output_folder(out, "teacher.out")
     device = select_device(cfg.device, dist)
-    train, test = load_split(params.data, "train"), load_split(params.data, "test")
+    train = load_split(params.data, "train")
+    train_rows, validation_rows = holdout(params.data, len(train))
     seed_everything(cfg.seed)
     model = place(build_model(cfg.model, train.channels, train.num_classes), device)
     trained = data_parallel(model, device, dist)
     prepare = normalizer(train.mean, train.std)
     augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
-    dataset = IndexedDataset(train, augment)
+    dataset = Subset(IndexedDataset(train, augment), train_rows.tolist())  # never the validation rows
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
     loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
-    test_loader = make_loader(IndexedDataset(test, torch.nn.Identity()), 512, shuffle=False, seed=cfg.seed,
-                              workers=0, device=device)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, len(loader))
+    validate = validation_scorer(model, train, validation_rows, device)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
+    selector = Selector(model, cfg.select)
     config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
     checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
-                                {"model": model, "optimizer": optimizer, "scheduler": scheduler}, dist)
+                                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "selector": selector},
+                                dist)
 
     def step(batch):
         images, labels, _ = batch
@@ -77,22 +81,28 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
                             desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
         stats["epoch"] = epoch + 1
         if dist.is_main:
-            logits, labels = predict(model, test_loader, device, prepare)
-            stats["test_acc"] = topk_accuracy(logits, labels, 1)
+            stats.update(validate())
+            selector.update(epoch + 1, stats)
+            scored = f"val {stats['val_acc']:.4f} " if "val_acc" in stats else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} train {stats['train_acc']:.4f} "
-                  f"test {stats['test_acc']:.4f} ({stats['seconds']:.0f} s, {stats['img_per_s']:.0f} img/s)", flush=True)
+                  f"{scored}({stats['seconds']:.0f} s, {stats['img_per_s']:.0f} img/s)", flush=True)
         return stats
 
     history = fit(cfg.epochs, run_epoch, checkpointer, resume)
     if not dist.is_main:
         return {}
-    logits, labels = predict(model, test_loader, device, prepare)
+    selected = selector.restore()
+    test = load_split(params.data, "test")  # scored once, on the selected weights, after training
+    logits, labels = predict(model, make_loader(IndexedDataset(test, torch.nn.Identity()), 512, shuffle=False,
+                                                seed=cfg.seed, workers=0, device=device), device, prepare)
     model_info = {"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
                   "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std)}
     metrics = {
-        "test_acc": history[-1]["test_acc"],
+        "test_acc": topk_accuracy(logits, labels, 1),
         "test_top5": topk_accuracy(logits, labels, 5),
+        **selected,
         "params": sum(p.numel() for p in model.parameters()),
+        "steps": cfg.epochs * len(loader),
         "train_seconds": sum(h["seconds"] for h in history),
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
         "device": device.type,

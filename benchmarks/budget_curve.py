@@ -1,0 +1,110 @@
+"""Converged baselines, shown: the ce and kd students at 1x, 2x and 4x the default step budget, 3 seeds each.
+
+Each run is params.yaml's student with only `steps` changed (and the runs' folder), so the
+curve shows what more budget buys: the default budget is right when doubling it adds no
+more than 0.3 points to the CE baseline. Checkpoints are selected on the validation split;
+test accuracy is scored once per run. Writes the table between markers in
+docs/benchmarks.md, docs/budget.png, and data/budget/<student>.json (a DVC plot: `dvc plots
+show`), and keeps every run's metrics in data/budget/ for --render-only.
+
+    python benchmarks/budget_curve.py                  # after `dvc repro dump_teacher`
+    python benchmarks/budget_curve.py --render-only    # the table and picture again, from data/budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from docblock import write_block
+
+from logitcache.core.config import load_params
+from logitcache.core.io import write_json
+from logitcache.student.train import train_student
+
+
+def run(params_path: str, name: str, multiple: int, seeds: list[int], work: Path, train: bool) -> dict:
+    """Train student `name` at `multiple` x its budget for every seed (or read the kept runs), and sum it up."""
+    base = load_params(params_path).students[name]
+    if base.steps is None:
+        raise SystemExit(f"students.{name} has no steps: budget in params.yaml; the curve multiplies it")
+    out = work / f"{name}_{multiple}x"
+    params = load_params(params_path, [f"students.{name}.steps={multiple * base.steps}",
+                                       f"students.{name}.seeds={json.dumps(seeds)}", f"students.{name}.out={out}"])
+    start = time.perf_counter()
+    if train:
+        train_student(params, name)
+    m = json.loads((out / "metrics.json").read_text())
+    per_seed = [json.loads((out / "runs" / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
+    return {"student": name, "multiple": multiple, "steps": m["steps"], "samples": m["samples"],
+            "test_acc": m["test_acc"], "test_acc_std": m["test_acc_std"], "val_acc": m["val_acc"],
+            "val_acc_std": m["val_acc_std"], "seconds": statistics.mean(r["train_seconds"] for r in per_seed),
+            "wall": time.perf_counter() - start}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| student | budget | steps | samples seen | val acc (%) | test acc (%) | gain over half the budget "
+             "(test, pts) | train time per seed (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        half = next((h for h in rows if h["student"] == r["student"] and 2 * h["multiple"] == r["multiple"]), None)
+        gain = f"{100 * (r['test_acc'] - half['test_acc']):+.2f}" if half else "–"
+        lines.append(f"| {r['student']} | {r['multiple']}× | {r['steps']:,} | {r['samples']:,} | "
+                     f"{100 * r['val_acc']:.2f} ± {100 * r['val_acc_std']:.2f} | "
+                     f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | {gain} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def picture(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=120)
+    for name in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == name]
+        ax.errorbar([r["steps"] for r in mine], [100 * r["test_acc"] for r in mine],
+                    yerr=[100 * r["test_acc_std"] for r in mine], marker="o", capsize=4, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("optimizer steps (batch 128)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against budget (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--students", nargs="+", default=["ce", "kd"])
+    ap.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--work", default="data/budget", help="where the runs are written and kept")
+    ap.add_argument("--docs", default="docs", help="folder of benchmarks.md and budget.png")
+    ap.add_argument("--render-only", action="store_true", help="write table and picture from the runs in --work")
+    args = ap.parse_args()
+    work = Path(args.work)
+    rows = [run(args.params, name, k, args.seeds, work, train=not args.render_only)
+            for name in args.students for k in args.multiples]
+    for name in args.students:  # the DVC plot: one file per student, x = steps
+        write_json(work / f"{name}.json", [{k: r[k] for k in ("steps", "test_acc", "test_acc_std", "val_acc")}
+                                           for r in rows if r["student"] == name])
+    text = table(rows)
+    print(text)
+    command = "python benchmarks/budget_curve.py" + "".join(
+        f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if v != ap.get_default(k) and k != "render_only")
+    minutes = "" if args.render_only else f", {sum(r['wall'] for r in rows) / 60:.0f} min here"
+    docs = Path(args.docs)
+    write_block(docs / "benchmarks.md", "budget-curve", "Converged baselines: accuracy against budget",
+                f"Made by `{command}` ({len(args.seeds)} seeds{minutes}; `--render-only` redraws it from "
+                f"`{args.work}`):\n\n{text}\n\n![accuracy against budget](budget.png)")
+    picture(rows, docs / "budget.png")
+
+
+if __name__ == "__main__":
+    main()
