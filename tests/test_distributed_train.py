@@ -168,7 +168,7 @@ def test_ddp_student_killed_then_resumed_equals_an_uninterrupted_ddp_run_to_the_
 
     resumed = torchrun(["train-student", "kd", "--resume"], params_for("run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    message = f"{tmp_path / 'run' / 'resume.pt'}: resuming at epoch {saved_epoch + 1} of 6"
+    message = f"{tmp_path / 'run' / 'resume.pt'}: resuming at evaluation {saved_epoch + 1} of 6"
     assert resumed.stdout.count(message) == 1  # continued where the killed job had committed, said once by rank 0
     a = load_checkpoint(tmp_path / "ref" / "student.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "run" / "student.pt")["state_dict"]

@@ -202,7 +202,7 @@ def test_every_params_key_a_stage_reads_is_declared(tmp_path, monkeypatch):
     names = list(yaml.safe_load((ROOT / "params.yaml").read_text())["students"])
     overrides = ["data.train_limit=256", "data.test_limit=128", "data.validation=25", "teacher.epochs=1", "teacher.workers=0",
                  "dump.views=2", "dump.workers=0"]
-    overrides += [f"students.{n}.{k}" for n in names for k in ("epochs=1", "seeds=[0]", "workers=0")]
+    overrides += [f"students.{n}.{k}" for n in names for k in ("steps=4", "evaluations=1", "seeds=[0]", "workers=0")]
     overrides += ["pruned.epochs=1", "pruned.workers=0", "export.latency_runs=2", "export.throughput_runs=1",
                   "export.calibration_images=32"]
     params = load_params(ROOT / "params.yaml", overrides)

@@ -27,7 +27,7 @@ def shrink(params: dict) -> dict:
     params["data"].update(train_limit=400, test_limit=200, validation=40)
     params["teacher"].update(epochs=1, batch_size=64, workers=0)
     params["dump"].update(views=2, workers=0, batch_size=256)
-    params["students"] = {name: {**params["students"][name], "epochs": 1, "seeds": [0, 1], "workers": 0}
+    params["students"] = {name: {**params["students"][name], "steps": 6, "evaluations": 2, "seeds": [0, 1], "workers": 0}
                           for name in ("ce", "kd")}
     params["pruned"].update(epochs=1, workers=0)
     params["export"].update(latency_runs=5, warmup_runs=1, throughput_runs=1, calibration_images=32)

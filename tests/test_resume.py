@@ -129,7 +129,7 @@ def test_student_sigkill_keeps_finished_seeds_and_resumes_the_rest_to_the_bit(da
                               str(params_path)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"kd seed 0 already finished, kept ({out / 'runs' / 'seed0'})" in resumed.stdout
-    assert f"{killed}: resuming at epoch {saved_epoch + 1} of 4" in resumed.stdout  # the killed seed continues
+    assert f"{killed}: resuming at evaluation {saved_epoch + 1} of 4" in resumed.stdout  # the killed seed continues
     assert (out / "runs" / "seed0" / "student.pt").stat().st_mtime_ns == finished  # seed 0 was not retrained
     for seed in (0, 1):
         assert same_weights(out / "runs" / f"seed{seed}" / "student.pt",

@@ -125,7 +125,8 @@ class TeacherConfig(TrainConfig):
     """Phase one's model, trained with labels: train-teacher writes <out>/teacher.pt and its metrics."""
 
     model: str = Field("resnet8", description="teacher architecture (logitcache models lists them)")
-    epochs: int = Field(10, ge=1, description="passes over the training split")
+    epochs: int = Field(15, ge=1, description="passes over the training rows (the training split less the validation "
+                        "rows)")
     out: str = Field("data/teacher", description="folder of teacher.pt, metrics.json, history.json, config.json "
                      "and, while a run is unfinished, resume.pt")
 
