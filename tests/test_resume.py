@@ -180,7 +180,7 @@ def test_non_finite_student_loss_stops_naming_epoch_and_step_and_writes_no_model
     def poisoned(self, rows, views):  # the third batch of the second epoch gets a NaN teacher target
         calls.append(1)
         values = take(self, rows, views)
-        return values.fill_(float("nan")) if len(calls) == 19 + 3 else values
+        return values.fill_(float("nan")) if len(calls) == 17 + 3 else values  # 540 training rows: 17 batches
 
     monkeypatch.setattr(CachedColumn, "take", poisoned)
     with pytest.raises(LogitcacheError, match=r"non-finite at epoch 2, step 2;"):

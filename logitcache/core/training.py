@@ -133,25 +133,26 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     seen = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
-    for i, batch in enumerate(bar):
-        interrupt.check()
-        loss, logits, labels, *rest = step(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        n = len(labels)
-        seen += n
-        with torch.no_grad():
-            first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
-            totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
-            for name, value in (rest[0] if rest else {}).items():
-                term_sums[name] = term_sums.get(name, 0) + torch.as_tensor(value, device=device).double() * n
-        if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
-            _stop_if_non_finite(int(first_bad), epoch, desc, dist)
-            loss_sum, correct = totals.tolist()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+    with bar:  # closed, its line cleared, however the epoch ends: an interrupt's message starts a clean line
+        for i, batch in enumerate(bar):
+            interrupt.check()
+            loss, logits, labels, *rest = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(labels)
+            seen += n
+            with torch.no_grad():
+                first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
+                totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
+                for name, value in (rest[0] if rest else {}).items():
+                    term_sums[name] = term_sums.get(name, 0) + torch.as_tensor(value, device=device).double() * n
+            if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
+                _stop_if_non_finite(int(first_bad), epoch, desc, dist)
+                loss_sum, correct = totals.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
     seconds = time.perf_counter() - start
     names = sorted(term_sums)
     seen, loss_sum, correct, *term_values = dist.sum([seen, *totals.tolist(), *(float(term_sums[k]) for k in names)])
