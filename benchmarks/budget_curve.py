@@ -1,7 +1,7 @@
 """Converged baselines, shown: the ce and kd students at 1x, 2x and 4x the default step budget, 3 seeds each.
 
-Each run is params.yaml's student with only `steps` changed (and the runs' folder), so the
-curve shows what more budget buys: the default budget is right when doubling it adds no
+Each run is params.yaml's student with only `steps` changed (and the runs' folder; at 1x
+the runs `dvc repro` made are read, or trained when missing), so the curve shows what more budget buys: the default budget is right when doubling it adds no
 more than 0.3 points to the CE baseline. Checkpoints are selected on the validation split;
 test accuracy is scored once per run. Writes the table between markers in
 docs/benchmarks.md, docs/budget.png, and data/budget/<student>.json (a DVC plot: `dvc plots
@@ -26,17 +26,17 @@ from logitcache.core.io import write_json
 from logitcache.student.train import train_student
 
 
-def run(params_path: str, name: str, multiple: int, seeds: list[int], work: Path, train: bool) -> dict:
+def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Path, train: bool) -> dict:
     """Train student `name` at `multiple` x its budget for every seed (or read the kept runs), and sum it up."""
     base = load_params(params_path).students[name]
     if base.steps is None:
         raise SystemExit(f"students.{name} has no steps: budget in params.yaml; the curve multiplies it")
-    out = work / f"{name}_{multiple}x"
-    params = load_params(params_path, [f"students.{name}.steps={multiple * base.steps}",
+    out = Path(base.out) if multiple == 1 else work / f"{name}_{multiple:g}x"  # 1x: the pipeline's own runs
+    params = load_params(params_path, [f"students.{name}.steps={round(multiple * base.steps)}",
                                        f"students.{name}.seeds={json.dumps(seeds)}", f"students.{name}.out={out}"])
     start = time.perf_counter()
     if train:
-        train_student(params, name)
+        train_student(params, name, resume=True)  # seeds already trained with these settings are kept
     m = json.loads((out / "metrics.json").read_text())
     per_seed = [json.loads((out / "runs" / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
     return {"student": name, "multiple": multiple, "steps": m["steps"], "samples": m["samples"],
@@ -51,7 +51,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         half = next((h for h in rows if h["student"] == r["student"] and 2 * h["multiple"] == r["multiple"]), None)
         gain = f"{100 * (r['test_acc'] - half['test_acc']):+.2f}" if half else "–"
-        lines.append(f"| {r['student']} | {r['multiple']}× | {r['steps']:,} | {r['samples']:,} | "
+        lines.append(f"| {r['student']} | {r['multiple']:g}× | {r['steps']:,} | {r['samples']:,} | "
                      f"{100 * r['val_acc']:.2f} ± {100 * r['val_acc_std']:.2f} | "
                      f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | {gain} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--students", nargs="+", default=["ce", "kd"])
-    ap.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--multiples", type=float, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default="data/budget", help="where the runs are written and kept")
     ap.add_argument("--docs", default="docs", help="folder of benchmarks.md and budget.png")
