@@ -41,9 +41,9 @@ def test_ranks_split_each_global_batch_into_the_single_process_batch(mode, rows,
     for epoch in range(2):
         for s in (single, *ranks):
             s.set_epoch(epoch)
-        parts = [list(r) for r in ranks]
+        parts = [[[tuple(pair) for pair in batch.tolist()] for batch in r] for r in ranks]
         assert len(parts[0]) == len(parts[1]) == len(ranks[0])  # every rank steps the same number of times
-        whole = [b for b in single if len(b) >= 2]
+        whole = [[tuple(pair) for pair in b.tolist()] for b in single if len(b) >= 2]
         assert len(whole) == len(parts[0])
         for full, a, b in zip(whole, *parts):
             assert sorted(a + b) == sorted(full) and not set(a) & set(b)

@@ -393,3 +393,32 @@ def test_every_method_trains_from_the_cache_and_online_on_the_same_targets(data_
             assert torch.equal(value, online_step["targets"].features[key]), key
             stored = cached(forms_cache / "train.h5", form_dataset(key.layer, key.form), cached_step["pairs"]).float()
             assert torch.equal(value, stored), key
+
+
+def test_ce_augmentation_draws_fresh_views_each_epoch_the_same_whatever_the_worker_count(data_cfg, cache_dir, tmp_path):
+    from logitcache.core.views import RandomViews, render_batch
+
+    aug = {"crop_padding": 2, "flip": True, "policy": []}
+    params = student_params(data_cfg, cache_dir, tmp_path, loss={}, augment=aug, epochs=2)
+    cfg = params.students["s"]
+    plan = plan_run(params, cfg, "s")
+    dataset, sampler = _batches(cfg, plan)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        pairs = next(iter(sampler))
+        rows, views = pairs[:, 0], pairs[:, 1]
+        images = dataset[pairs][0]
+        drawn = RandomViews(ViewSpec(2, True), cfg.seed)[rows, views]
+        assert torch.equal(images, torch.stack([ViewRenderer(ViewSpec(2, True))(plan.train.images[r], p)
+                                                for r, p in zip(rows, drawn)]))
+        assert torch.equal(images, render_batch(ViewRenderer(ViewSpec(2, True)), plan.train.images[rows], drawn))
+        epochs.append(dict(zip(rows.tolist(), map(tuple, drawn.tolist()))))
+    both = epochs[0].keys() & epochs[1].keys()
+    assert sum(epochs[0][r] != epochs[1][r] for r in both) > len(both) // 2  # a row's view changes with the epoch
+    weights = []
+    for workers in (0, 1):
+        out = tmp_path / f"workers{workers}"
+        train_student(student_params(data_cfg, cache_dir, out, loss={}, augment=aug, epochs=2, workers=workers), "s")
+        weights.append(torch.load(out / "student" / "student.pt", weights_only=True)["state_dict"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -6,10 +6,12 @@ from logitcache.core.config import AugmentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import (
     EVAL_SEED,
+    RandomViews,
     ViewRenderer,
     ViewSpec,
     crop_flip_codes,
     eval_view,
+    pair_params,
     params_from_codes,
     render_batch,
     view_params,
@@ -111,3 +113,20 @@ def test_derived_seeds_replay_the_policy_bit_identically():
         assert torch.equal(render_batch(render, images, replayed[:, v]), render_batch(render, images, params[:, v]))
     other = params_from_codes(crop_flip_codes(params, spec), spec, 5, "random")  # another dump seed: other policies
     assert not torch.equal(render_batch(render, images, other[:, 1]), render_batch(render, images, params[:, 1]))
+
+
+@pytest.mark.parametrize("spec", [ViewSpec(2, True), ViewSpec(3, False), ViewSpec(1, True, POLICY)])
+def test_random_views_render_in_one_batch_as_image_by_image(spec):
+    rows = np.array([4, 0, 4, 17, 9, 9])
+    views = np.array([3, 3, 2**61, 5, 0, 1])
+    params = RandomViews(spec, 7)[rows, views]
+    assert params.shape == (6, 4) and np.array_equal(params, RandomViews(spec, 7)[rows, views])
+    assert not np.array_equal(params, RandomViews(spec, 8)[rows, views])
+    side = 2 * spec.padding + 1
+    assert params[:, 1:3].min() >= 0 and params[:, 1:3].max() < side and (spec.flip or not params[:, 3].any())
+    # a random view is drawn as a dump draws its views 1..V-1: by the hash of (seed, sample, view) alone
+    assert np.array_equal(pair_params(spec, 7, rows[:2], views[:2]), view_params(spec, 7, np.arange(5), 4)[[4, 0], 3])
+    images = torch.randint(0, 256, (6, 3, 11, 8), dtype=torch.uint8)
+    render = ViewRenderer(spec)
+    expected = torch.stack([render(img, p) for img, p in zip(images, params)])
+    assert torch.equal(render_batch(render, images, params), expected)

@@ -122,17 +122,36 @@ def view_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: int | str
         return np.broadcast_to(grid, (n, count, 4)).copy()
     if views == 1:
         return np.broadcast_to(np.array([EVAL_SEED, spec.padding, spec.padding, 0]), (n, 1, 4)).copy()
-    idx = np.repeat(indices[:, None], views, axis=1)
-    vv = np.broadcast_to(np.arange(views), (n, views))
-    side = np.uint64(2 * spec.padding + 1)
-    params = np.stack([
-        _policy_seeds(seed, indices, views),
-        (_hash(seed, idx, vv, 1) % side).astype(np.int64),
-        (_hash(seed, idx, vv, 2) % side).astype(np.int64),
-        (_hash(seed, idx, vv, 3) % np.uint64(2)).astype(np.int64) if spec.flip else np.zeros((n, views), dtype=np.int64),
-    ], axis=-1)
+    params = pair_params(spec, seed, np.repeat(indices[:, None], views, axis=1),
+                         np.broadcast_to(np.arange(views), (n, views)))
     params[:, 0] = [EVAL_SEED, spec.padding, spec.padding, 0]
     return params
+
+
+def pair_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """Parameters of view `views[i]` of sample `indices[i]` (arrays of one shape S): int64 array S + (4,), drawn by
+    the counter-based hash of (seed, sample, view), so they depend on nothing else: no RNG state, no process."""
+    indices, views = np.asarray(indices, dtype=np.int64), np.asarray(views, dtype=np.int64)
+    side = np.uint64(2 * spec.padding + 1)
+    return np.stack([
+        (_hash(seed, indices, views, 0) >> np.uint64(1)).astype(np.int64),
+        (_hash(seed, indices, views, 1) % side).astype(np.int64),
+        (_hash(seed, indices, views, 2) % side).astype(np.int64),
+        (_hash(seed, indices, views, 3) % np.uint64(2)).astype(np.int64) if spec.flip else np.zeros(indices.shape, dtype=np.int64),
+    ], axis=-1)
+
+
+class RandomViews:
+    """Random augmentation as an unbounded view table: `[rows, views]` gives the (seed, top, left, flip) of those
+    (sample, view number) pairs, like a cache's (N, V, 4) table. A sampler that draws fresh view numbers every
+    epoch thus draws fresh random views, in the main process, the same whatever the number of loader workers."""
+
+    def __init__(self, spec: ViewSpec, seed: int):
+        self.spec, self.seed = spec, seed
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        rows, views = key
+        return pair_params(self.spec, self.seed, rows, views)
 
 
 def code_dtype(spec: ViewSpec) -> str:
@@ -190,18 +209,17 @@ class ViewRenderer:
 
 
 def render_batch(renderer: ViewRenderer, images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
-    """Many views at once. Without a policy, one gather for the whole batch: the same bytes as
-    `renderer` per image (pad, crop and flip only move pixels), at a fraction of the cost."""
+    """Many views at once. Without a policy, one gather for the whole batch from a strided view of every crop of
+    the padded images: the same bytes as `renderer` per image (pad, crop and flip only move pixels), at a
+    fraction of the cost."""
     if renderer.policy is not None:
         return torch.stack([renderer(img, p) for img, p in zip(images, params)])
-    b, c, h, w = images.shape
-    pad = renderer.spec.padding
+    height, width = images.shape[-2:]
     params = torch.as_tensor(params)
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)) if pad else images
-    rows = (params[:, 1, None] + torch.arange(h))[:, None, :, None]
-    cols = (params[:, 2, None] + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    return torch.where(params[:, 3, None, None, None].bool(), out.flip(-1), out).contiguous()
+    padded = torch.nn.functional.pad(images, [renderer.spec.padding] * 4)
+    crops = padded.unfold(2, height, 1).unfold(3, width, 1)  # (B, C, 2p+1, 2p+1, H, W), no copy
+    out = crops[torch.arange(len(images)), :, params[:, 1], params[:, 2]]
+    return torch.where(params[:, 3, None, None, None].bool(), out.flip(-1), out)
 
 
 def normalizer(mean, std) -> v2.Transform:

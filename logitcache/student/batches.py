@@ -1,15 +1,17 @@
 """Student batches: replayed views plus the cached teacher targets of exactly those (sample, view) pairs.
 
-The sampler yields whole batches of (row, view) pairs and the dataset builds the batch
-in the worker: it renders each view from its stored parameters (bit-identical to what
+The sampler yields whole batches of (row, view) pairs, as one (B, 2) array, and the
+dataset builds the batch (in a loader worker, or in the main process with workers: 0):
+it renders the batch's views from their parameters in one gather (bit-identical to what
 the teacher saw) and takes the cached logits and features of those rows, from memory
 when they fit the budget, or by reading the HDF5 file (opened lazily in each worker).
+Random augmentation is the same thing with an unbounded view table (`RandomViews`):
+the sampler draws a fresh view number per row and epoch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,11 +20,14 @@ from torch.utils.data import Dataset, Sampler
 from logitcache.cache.reader import Cache
 from logitcache.core.data import Split
 from logitcache.core.distributed import Dist
-from logitcache.core.views import ViewRenderer, render_batch
+from logitcache.core.views import RandomViews, ViewRenderer, render_batch
+
+FRESH_VIEWS = 2**62  # the view count of random augmentation: every row draws a new view number every epoch
 
 
 class ViewBatchSampler(Sampler):
-    """Batches of (row, view) pairs; which view a row shows changes each epoch (random or round-robin).
+    """Batches of (row, view) pairs, each a (B, 2) int64 array; which view a row shows changes each epoch (random
+    or round-robin), drawn here, in the main process, from (seed, epoch) alone.
 
     With `block` > 1 it shuffles the order of blocks of consecutive rows, and the rows within each block,
     so a batch's rows come from one or two blocks and disk reads stay chunk-friendly.
@@ -56,7 +61,7 @@ class ViewBatchSampler(Sampler):
             hi = min(lo + self.batch_size, len(order))
             if hi - lo >= self.world:  # this rank's contiguous part: neighbouring rows, chunk-friendly reads
                 mine = slice(lo + (hi - lo) * self.rank // self.world, lo + (hi - lo) * (self.rank + 1) // self.world)
-                yield list(zip(order[mine].tolist(), views[mine].tolist()))
+                yield np.stack([order[mine], views[mine]], axis=1)
 
 
 class StepStream(Sampler):
@@ -124,13 +129,18 @@ class CachedColumn:
 
 
 class StudentBatches(Dataset):
-    """A batch of (row, view) pairs -> images, labels, labeled mask, rows, teacher logits per cache, teacher features."""
+    """A (B, 2) array of (row, view) pairs -> images, labels, labeled mask, rows, teacher logits per cache, teacher
+    features.
+
+    `view_params` is a cache's (N, V, 4) view table, or `RandomViews` for random augmentation; without a renderer
+    the images are the training images as they are.
+    """
 
     def __init__(self, split: Split, labeled: np.ndarray, *, render: ViewRenderer | None = None,
-                 view_params: np.ndarray | None = None, transform: Callable | None = None,
+                 view_params: np.ndarray | RandomViews | None = None,
                  logits: list[CachedColumn] = (), features: dict | None = None):
         self.split, self.labeled = split, torch.from_numpy(labeled)
-        self.render, self.view_params, self.transform = render, view_params, transform
+        self.render, self.view_params = render, view_params
         self.logits, self.features = list(logits), features or {}
 
     def __len__(self) -> int:
@@ -140,14 +150,14 @@ class StudentBatches(Dataset):
         for column in [*self.logits, *self.features.values()]:
             column.close()
 
-    def __getitem__(self, pairs):
-        rows = np.array([p[0] for p in pairs])
-        views = np.array([p[1] for p in pairs])
-        images = self.split.images[rows]
+    def __getitem__(self, pairs: np.ndarray):
+        rows, views = np.ascontiguousarray(pairs.T)
+        index = torch.from_numpy(rows)
+        images = self.split.images[index]
         if self.render is not None:
             images = render_batch(self.render, images, self.view_params[rows, views])
-        elif self.transform is not None:
-            images = torch.stack([self.transform(img) for img in images])
-        return (images, self.split.labels[rows], self.labeled[rows], torch.from_numpy(rows),
+        if isinstance(self.view_params, RandomViews):  # random views have no targets: a 1-view cache's only view
+            views = np.zeros_like(views)
+        return (images, self.split.labels[index], self.labeled[index], index,
                 [column.take(rows, views) for column in self.logits],
                 {name: column.take(rows, views) for name, column in self.features.items()})

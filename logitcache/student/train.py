@@ -43,8 +43,8 @@ from logitcache.core.training import (
     train_epoch,
     validation_scorer,
 )
-from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
-from logitcache.student.batches import CachedColumn, StepStream, StudentBatches, ViewBatchSampler
+from logitcache.core.views import RandomViews, ViewRenderer, ViewSpec, normalizer
+from logitcache.student.batches import FRESH_VIEWS, CachedColumn, StepStream, StudentBatches, ViewBatchSampler
 from logitcache.student.evaluate import evaluate_model
 from logitcache.student.losses import masked_ce
 from logitcache.student.methods import (
@@ -400,10 +400,12 @@ def _batches(cfg: StudentConfig, plan: Plan, dist: Dist = Dist.single()):
     """The dataset and sampler: replayed cached views with their targets, or plain images for a CE-only student."""
     train, labeled = plan.train, plan.labeled
     if plan.cache is None:
-        spec = ViewSpec.from_config(cfg.augment) if cfg.augment else None
-        transform = spec.random_transform(train.image_size) if spec else None
-        return StudentBatches(train, labeled, transform=transform), \
-            ViewBatchSampler(plan.rows, 1, cfg.batch_size, "random", cfg.seed, cfg.shuffle_block, dist)
+        if cfg.augment is None:
+            return StudentBatches(train, labeled), \
+                ViewBatchSampler(plan.rows, 1, cfg.batch_size, "random", cfg.seed, cfg.shuffle_block, dist)
+        spec = ViewSpec.from_config(cfg.augment)
+        return StudentBatches(train, labeled, render=ViewRenderer(spec), view_params=RandomViews(spec, cfg.seed)), \
+            ViewBatchSampler(plan.rows, FRESH_VIEWS, cfg.batch_size, "random", cfg.seed, cfg.shuffle_block, dist)
     views, info = plan.cache["views"], plan.cache["meta"]
     count = views.shape[1]
     if cfg.force_augment and (cfg.augment is None or count > 1):
@@ -419,8 +421,10 @@ def _batches(cfg: StudentConfig, plan: Plan, dist: Dist = Dist.single()):
                 for t in plan.needs.teacher} if cached else {}
     logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if cached and plan.needs.logits else []
     if cfg.force_augment:
-        dataset = StudentBatches(train, labeled, transform=ViewSpec.from_config(cfg.augment).random_transform(
-            train.image_size), logits=logits, features=features)
+        spec = ViewSpec.from_config(cfg.augment)
+        dataset = StudentBatches(train, labeled, render=ViewRenderer(spec), view_params=RandomViews(spec, cfg.seed),
+                                 logits=logits, features=features)
+        count = FRESH_VIEWS
     else:
         dataset = StudentBatches(train, labeled, render=ViewRenderer(ViewSpec.from_json(info["transform"]["augment"])),
                                  view_params=views, logits=logits, features=features)
