@@ -158,7 +158,7 @@ def main() -> None:
         for r in range(rounds):
             for i, (name, run) in enumerate(runs.items()):
                 rates[name].append(run(f"{tmp}/{r}-{i}"))
-                print(f"  round {r + 1}: {name:<44} {rates[name][-1]:7.0f} img/s", flush=True)
+                print(f"  round {r + 1}: {name:<44} {rates[name][-1]:7.0f} img/s   ({load()})", flush=True)
     print(f"done, {load()}")
     for name, values in rates.items():
         print(summary(name, values))
