@@ -20,6 +20,7 @@ FMNIST = Path(DATASETS["fashion_mnist"].default_source)
 WORKERS = 2  # at most: the suite's torch work shares a machine's cores, and torchrun tests start 2 processes each
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the options
 def pytest_cmdline_main(config):
     """With pytest-xdist installed, the suite runs on `-n auto` workers (at most WORKERS, one a core), handing the
     tests of one `xdist_group` to one worker (`--dist loadgroup`), unless `-n` or `--dist` is given. `-n 0` or
