@@ -25,7 +25,12 @@ def pytest_cmdline_main(config):
     """With pytest-xdist installed, the suite runs on `-n auto` workers (at most WORKERS, one a core), handing the
     tests of one `xdist_group` to one worker (`--dist loadgroup`), unless `-n` or `--dist` is given. `-n 0` or
     `-p no:xdist` runs it in this one process."""
-    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    if hasattr(config, "workerinput"):
+        # a worker names each test's group in the ids it collects, which the controller schedules by (under
+        # another --dist the names are only shown); the worker cannot see which --dist the controller took
+        config.option.loadgroup = True
         return
     if config.option.numprocesses is None and config.option.dist == "no" and not (config.option.usepdb or
                                                                                     config.option.collectonly):

@@ -242,7 +242,8 @@ def topk_reconstruction_float64(path, pairs, num_classes=10) -> torch.Tensor:
     values = cached(path, "topk_values", pairs).double()
     indices = cached(path, "topk_indices", pairs).long()
     lse = cached(path, "topk_lse", pairs).double()
-    left = 1 - torch.exp(values - lse[:, None]).sum(1)
+    # where the float16 top-k mass rounds to 1 or more, the reader keeps its least leftover mass, 1 - float32(1 - 1e-7)
+    left = (1 - torch.exp(values - lse[:, None]).sum(1)).clamp(min=1 - float(np.float32(1 - 1e-7)))
     fill = lse + torch.log(left / (num_classes - values.shape[1]))
     return fill[:, None].repeat(1, num_classes).scatter(1, indices, values)
 
