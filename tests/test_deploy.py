@@ -19,10 +19,9 @@ from logitcache.student.train import train_student
 
 
 @pytest.fixture(scope="module")
-def student_ckpt(data_cfg, cache_dir, tmp_path_factory):
+def student_ckpt(data_cfg, cache_dir, shared_folder):
     """A cnn_tiny KD student, 2 epochs on the 600-sample slice."""
-    out = tmp_path_factory.mktemp("student")
-    train_student(_params(data_cfg, cache_dir, out, {}), "s")
+    out = shared_folder("deploy_student", lambda out: train_student(_params(data_cfg, cache_dir, out, {}), "s"))
     return out / "student.pt"
 
 

@@ -57,16 +57,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reference(data_cfg, teacher_ckpt, tmp_path_factory):
+def reference(data_cfg, teacher_ckpt, shared_folder):
     """The single-process dump of both splits, made in-process on one thread."""
-    out = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dump_teacher(validate({"data": data_cfg.model_dump(), "dump": settings(teacher_ckpt, out)}))
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    def make(out):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            dump_teacher(validate({"data": data_cfg.model_dump(), "dump": settings(teacher_ckpt, out)}))
+        finally:
+            torch.set_num_threads(threads)
+
+    return shared_folder("reference", make)
 
 
 def content(path: Path):

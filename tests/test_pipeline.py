@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.xdist_group("pipeline")  # one repository, edited and rebuilt test after test: one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 # a fresh CI machine has no git identity
 GIT_ENV = {"GIT_AUTHOR_NAME": "logitcache test", "GIT_AUTHOR_EMAIL": "test@logitcache.invalid",
