@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from docblock import write_block
+from docblock import command_line, write_block
 
 from logitcache.core.config import load_params
 from logitcache.core.io import write_json
@@ -95,9 +95,7 @@ def main() -> None:
                                            for r in rows if r["student"] == name])
     text = table(rows)
     print(text)
-    command = "python benchmarks/budget_curve.py" + "".join(
-        f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if v != ap.get_default(k) and k != "render_only")
+    command = command_line("benchmarks/budget_curve.py", ap, args, skip=("render_only",))
     minutes = "" if args.render_only else f", {sum(r['wall'] for r in rows) / 60:.0f} min here"
     docs = Path(args.docs)
     write_block(docs / "benchmarks.md", "budget-curve", "Converged baselines: accuracy against budget",

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace, skip=()) -> str:
+    """The command that reruns this benchmark: the script and every option given a non-default value."""
+    given = [f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+             for key, value in vars(args).items() if value != parser.get_default(key) and key not in skip]
+    return " ".join([f"python {script}", *given])
 
 
 def write_block(doc: Path, name: str, heading: str, text: str) -> None:

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from docblock import write_block
+from docblock import command_line, write_block
 
 from logitcache.cache.format import form_dataset
 from logitcache.cache.reader import Cache
@@ -131,14 +131,12 @@ def main() -> None:
     rows = [run(args.params, name, args.seeds, args.steps, Path(args.work), train=not args.render_only)
             for name in args.methods]
     text = table(rows, args.seeds)
-    command = "python benchmarks/methods_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if v != ap.get_default(k) and k not in ("render_only", "minutes"))
+    command = command_line("benchmarks/methods_table.py", ap, args, skip=("render_only", "minutes"))
     minutes = args.minutes if args.render_only else sum(r["wall"] for r in rows) / 60
     print(text)
     out = Path(args.out)
     write_block(out / "methods.md", "methods-results", "Results on the default data",
-                f"Made by `{command.strip()}` ({len(args.seeds)} seeds, {minutes:.0f} min here; `--render-only` "
+                f"Made by `{command}` ({len(args.seeds)} seeds, {minutes:.0f} min here; `--render-only` "
                 f"rewrites this table from the runs in `--work`):\n\n{text}\n\n![test accuracy per method](methods.png)")
     picture(rows, out / "methods.png")
 
