@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import validate
-from logitcache.core.data import load_split
+from logitcache.core.data import holdout, load_split
 from logitcache.core.models import build_model
 from logitcache.core.training import make_optimizer, place
 from logitcache.student.losses import masked_ce
@@ -71,7 +71,7 @@ class BareLoop:
         self.windows = F.pad(train.images, [PADDING] * 4).unfold(2, train.images.shape[2], 1).unfold(
             3, train.images.shape[3], 1)  # (N, C, 2p+1, 2p+1, H, W): every crop of every image, no copy
         self.labels = train.labels
-        self.labeled = torch.from_numpy(labeled_mask(self.cfg, len(train)))
+        self.labeled = torch.from_numpy(labeled_mask(self.cfg, len(train), holdout(params.data, len(train))[0]))
         self.mean = torch.tensor(train.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(train.std).view(1, -1, 1, 1)
         if kind == "kd":
