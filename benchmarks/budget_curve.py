@@ -39,7 +39,7 @@ def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Pa
         train_student(params, name, resume=True)  # seeds already trained with these settings are kept
     m = json.loads((out / "metrics.json").read_text())
     per_seed = [json.loads((out / "runs" / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
-    return {"student": name, "multiple": multiple, "steps": m["steps"], "samples": m["samples"],
+    return {"student": name, "multiple": multiple, "steps": int(m["steps"]), "samples": int(m["samples"]),
             "test_acc": m["test_acc"], "test_acc_std": m["test_acc_std"], "val_acc": m["val_acc"],
             "val_acc_std": m["val_acc_std"], "seconds": statistics.mean(r["train_seconds"] for r in per_seed),
             "wall": time.perf_counter() - start}
