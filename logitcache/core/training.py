@@ -202,9 +202,16 @@ class Selector:
     """The weights a run reports: those of the evaluation with the best validation accuracy (the first of equals),
     or the last. Its state goes into resume.pt, so a resumed run selects as an uninterrupted one."""
 
-    def __init__(self, module: nn.Module, mode: str):
-        self.module, self.mode = module, mode
+    def __init__(self, module: nn.Module, mode: str, score: Callable[[], dict] = dict):
+        self.module, self.mode, self.score = module, mode, score
         self.chosen: dict = {}  # round, val_acc and, for "best", a copy of the weights
+
+    def evaluate(self, round: int, stats: dict) -> str:
+        """After an epoch or evaluation round: its validation scores into `stats`, the weights kept if chosen;
+        the scores as text for the log."""
+        stats.update(self.score())
+        self.update(round, stats)
+        return f"val acc {stats['val_acc']:.4f}" if "val_acc" in stats else "no validation split"
 
     def update(self, round: int, scores: dict) -> None:
         if self.mode == "last":

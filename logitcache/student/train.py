@@ -214,8 +214,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     optimizer, scheduler = make_optimizer(learner.parameters(), cfg, budget.total)
     model = data_parallel(learner, device, dist)
     teacher_for = _online_teacher(cfg, plan, device) if cfg.online and plan.methods else None
-    validate = validation_scorer(student, plan.train, plan.validation, device)
-    selector = Selector(learner, cfg.select)
+    selector = Selector(learner, cfg.select, validation_scorer(student, plan.train, plan.validation, device))
     checkpointer = Checkpointer(out, [out / "student.pt", Path(cfg.out) / "metrics.json"],
                                 {**config, "world_size": dist.world_size},
                                 {"learner": learner, "optimizer": optimizer, "scheduler": scheduler,
@@ -231,11 +230,9 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
                             desc=f"{name} {r + 1}/{budget.rounds}", dist=dist)
         stats = {"round": r + 1, "steps": stop, "epoch": stop / len(passes), **stats}
         if dist.is_main:
-            stats.update(validate())
-            selector.update(r + 1, stats)
-            scored = f" val acc {stats['val_acc']:.4f}" if "val_acc" in stats else ""
+            scored = selector.evaluate(r + 1, stats)
             print(f"{name} step {stop:,}/{budget.total:,} (epoch {stats['epoch']:.2f}): loss {stats['train_loss']:.4f} "
-                  f"train acc {stats['train_acc']:.4f}{scored} ({stats['seconds']:.1f} s)", flush=True)
+                  f"train acc {stats['train_acc']:.4f} {scored} ({stats['seconds']:.1f} s)", flush=True)
         return stats
 
     try:

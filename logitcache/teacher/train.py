@@ -57,9 +57,8 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
     loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
-    validate = validation_scorer(model, train, validation_rows, device)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
-    selector = Selector(model, cfg.select)
+    selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device))
     config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
     checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
                                 {"model": model, "optimizer": optimizer, "scheduler": scheduler, "selector": selector},
@@ -81,11 +80,9 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
                             desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
         stats["epoch"] = epoch + 1
         if dist.is_main:
-            stats.update(validate())
-            selector.update(epoch + 1, stats)
-            scored = f"val {stats['val_acc']:.4f} " if "val_acc" in stats else ""
+            scored = selector.evaluate(epoch + 1, stats)
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} train {stats['train_acc']:.4f} "
-                  f"{scored}({stats['seconds']:.0f} s, {stats['img_per_s']:.0f} img/s)", flush=True)
+                  f"{scored} ({stats['seconds']:.0f} s, {stats['img_per_s']:.0f} img/s)", flush=True)
         return stats
 
     history = fit(cfg.epochs, run_epoch, checkpointer, resume)
