@@ -26,17 +26,18 @@ from logitcache.core.io import write_json
 from logitcache.student.train import train_student
 
 
-def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Path, train: bool) -> dict:
+def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Path, train: bool, jobs: int) -> dict:
     """Train student `name` at `multiple` x its budget for every seed (or read the kept runs), and sum it up."""
     base = load_params(params_path).students[name]
     if base.steps is None:
         raise SystemExit(f"students.{name} has no steps: budget in params.yaml; the curve multiplies it")
-    out = Path(base.out) if multiple == 1 else work / f"{name}_{multiple:g}x"  # 1x: the pipeline's own runs
-    params = load_params(params_path, [f"students.{name}.steps={round(multiple * base.steps)}",
+    steps = round(multiple * base.steps)
+    out = Path(base.out) if multiple == 1 else work / f"{name}_{steps}"  # 1x: the pipeline's own runs
+    params = load_params(params_path, [f"students.{name}.steps={steps}",
                                        f"students.{name}.seeds={json.dumps(seeds)}", f"students.{name}.out={out}"])
     start = time.perf_counter()
     if train:
-        train_student(params, name, resume=True)  # seeds already trained with these settings are kept
+        train_student(params, name, resume=True, jobs=jobs)  # seeds already trained with these settings are kept
     m = json.loads((out / "metrics.json").read_text())
     per_seed = [json.loads((out / "runs" / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
     return {"student": name, "multiple": multiple, "steps": int(m["steps"]), "samples": int(m["samples"]),
@@ -86,16 +87,17 @@ def main() -> None:
     ap.add_argument("--work", default="data/budget", help="where the runs are written and kept")
     ap.add_argument("--docs", default="docs", help="folder of benchmarks.md and budget.png")
     ap.add_argument("--render-only", action="store_true", help="write table and picture from the runs in --work")
+    ap.add_argument("--jobs", type=int, default=3, help="seeds trained at once (logitcache train-student --jobs)")
     args = ap.parse_args()
     work = Path(args.work)
-    rows = [run(args.params, name, k, args.seeds, work, train=not args.render_only)
+    rows = [run(args.params, name, k, args.seeds, work, train=not args.render_only, jobs=args.jobs)
             for name in args.students for k in args.multiples]
     for name in args.students:  # the DVC plot: one file per student, x = steps
         write_json(work / f"{name}.json", [{k: r[k] for k in ("steps", "test_acc", "test_acc_std", "val_acc")}
                                            for r in rows if r["student"] == name])
     text = table(rows)
     print(text)
-    command = command_line("benchmarks/budget_curve.py", ap, args, skip=("render_only",))
+    command = command_line("benchmarks/budget_curve.py", ap, args, skip=("render_only", "jobs"))
     minutes = "" if args.render_only else f", {sum(r['wall'] for r in rows) / 60:.0f} min here"
     docs = Path(args.docs)
     write_block(docs / "benchmarks.md", "budget-curve", "Converged baselines: accuracy against budget",

@@ -237,7 +237,9 @@ class LazyChoice(click.Choice):
 @click.option("--ce-only", is_flag=True, help="Train with cross-entropy alone (the baseline; no cache needed).")
 @click.option("--online", is_flag=True, default=None, help="Reference mode: compute targets with the live teacher.")
 @click.option("--resume", is_flag=True, help="Continue each seed's run from its resume.pt; finished seeds are kept.")
-def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many seeds at once, in processes sharing the CPU threads (same results as one by one).")
+def train_student_cmd(params, name, chosen, ce_only, online, resume, jobs) -> None:
     """Train student NAME (a key of students: in params.yaml) against the teacher cache.
 
     Keys of students.NAME override the student defaults; -S students.NAME.key=value overrides one.
@@ -247,6 +249,7 @@ def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
       logitcache train-student kd
       logitcache train-student kd -S students.kd.loss.kd.temperature=8 -S students.kd.out=data/students/kd_t8
       logitcache train-student kd --method dkd          # same student, DKD instead of KD
+      logitcache train-student kd --jobs 3              # its three seeds at once
       logitcache train-student --ce-only -S students.default.labeled_fraction=0.1
       torchrun --nproc-per-node 2 -m logitcache train-student kd     # DDP
     """
@@ -260,7 +263,7 @@ def train_student_cmd(params, name, chosen, ce_only, online, resume) -> None:
     if updates:
         params = params.model_copy(update={"students": {**params.students, name: student.model_copy(update=updates)}})
     with session(params.student(name).device) as dist:
-        m = train_student(params, name, resume=resume, dist=dist)
+        m = train_student(params, name, resume=resume, dist=dist, jobs=jobs)
     if not m:
         return
     agreement = "" if m.get("agreement") is None else f", agreement {m['agreement']:.4f}"

@@ -106,6 +106,10 @@ def test_schedules_including_step_decay_by_epochs():
     assert value_at(cosine, at(0.5)) == pytest.approx(3)
     halve = Schedule(start=8, kind="step", every=2, factor=0.5)  # halve T every 2 epochs
     assert [value_at(halve, at(0, e)) for e in (0, 1.99, 2, 3.5, 4, 6)] == [8, 8, 4, 4, 2, 1]
+    stages = Schedule(start=1, end=0.25, kind="switch", at=0.2)  # 1 for the first 20 % of training, then 0.25
+    assert [value_at(stages, at(f)) for f in (0, 0.1999, 0.2, 0.7, 1)] == [1, 1, 0.25, 0.25, 0.25]
+    with pytest.raises(ValueError, match="switch schedule needs end"):
+        Schedule(start=1, kind="switch")
 
 
 class _Net(torch.nn.Module):

@@ -188,3 +188,36 @@ def test_non_finite_student_loss_stops_naming_epoch_and_step_and_writes_no_model
     assert not (tmp_path / "student" / "student.pt").exists()
     assert not (tmp_path / "student" / "metrics.json").exists()
     assert load_checkpoint(tmp_path / "student" / RESUME)["epoch"] == 1  # the last good epoch stays resumable
+
+
+@pytest.mark.slow
+def test_seeds_trained_at_once_give_the_bits_of_seeds_trained_in_turn_and_a_moved_run_is_kept(
+        data_cfg, cache_dir, tmp_path, capfd):
+    def params(folder, **extra):
+        return validate({"data": data_cfg.model_dump(),
+                         "students": {"kd": student_settings(cache_dir, folder, seeds=[0, 1], epochs=2, **extra)}})
+
+    at_once = train_student(params(tmp_path / "once"), "kd", jobs=2)
+    printed = capfd.readouterr().out
+    assert "kd seed 0 step" in printed and "kd seed 1 step" in printed  # each worker's lines name its seed
+    assert at_once["threads"] == max(1, torch.get_num_threads() // 2)  # the jobs share this process's threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(at_once["threads"]))  # bits depend on a run's thread count, not on other jobs
+    try:
+        in_turn = train_student(params(tmp_path / "turn"), "kd")
+    finally:
+        torch.set_num_threads(threads)
+    for seed in (0, 1):
+        assert same_weights(tmp_path / "once" / "student" / "runs" / f"seed{seed}" / "student.pt",
+                            tmp_path / "turn" / "student" / "runs" / f"seed{seed}" / "student.pt")
+    assert at_once["per_seed"] == in_turn["per_seed"]
+
+    (tmp_path / "once" / "student").rename(tmp_path / "moved")  # other folder, same settings: nothing retrained
+    again = train_student(params(tmp_path / "moved_parent", out=str(tmp_path / "moved")), "kd", resume=True)
+    printed = capfd.readouterr().out
+    assert all(f"kd seed {s} already finished, kept ({tmp_path / 'moved' / 'runs' / f'seed{s}'})" in printed
+               for s in (0, 1))
+    assert again["per_seed"] == in_turn["per_seed"]
+    with pytest.raises(LogitcacheError, match="under torchrun leave it at 1"):
+        from logitcache.core.distributed import Dist
+        train_student(params(tmp_path / "ddp"), "kd", jobs=2, dist=Dist(rank=0, world_size=2, local_rank=0))

@@ -2,7 +2,8 @@
 
 Any float setting of a method (its weight, KD's temperature...) accepts either form:
 `temperature: 4` or `temperature: {start: 8, kind: step, every: 2, factor: 0.5}` (halve it
-every 2 epochs). `Progress` tells where training stands.
+every 2 epochs), or `weight: {start: 1, end: 0, kind: switch, at: 0.2}` (1 for the first 20 %
+of the steps, 0 after: training in stages). `Progress` tells where training stands.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ class Schedule(BaseModel):
 
     start: float = Field(description="value at the start of training")
     end: float | None = Field(None, description="value at the end (linear, cosine); default: start")
-    kind: Literal["constant", "linear", "cosine", "step"] = Field(
-        "linear", description="linear/cosine: start -> end over training; step: start * factor^(epoch // every)")
+    kind: Literal["constant", "linear", "cosine", "step", "switch"] = Field(
+        "linear", description="linear/cosine: start -> end over training; step: start * factor^(epoch // every); "
+                              "switch: start before fraction `at` of the steps, end from there on")
     every: float = Field(1.0, gt=0, description="step: epochs between steps")
     factor: float = Field(0.5, gt=0, description="step: multiplier applied at every step")
+    at: float = Field(0.5, gt=0, lt=1, description="switch: the fraction of training where start gives way to end")
 
     @model_validator(mode="after")
     def _complete(self):
-        if self.kind in ("linear", "cosine") and self.end is None:
+        if self.kind in ("linear", "cosine", "switch") and self.end is None:
             raise ValueError(f"a {self.kind} schedule needs end:")
         return self
 
@@ -70,4 +73,6 @@ def value_at(value: Scheduled, at: Progress) -> float:
         return s.start + (end - s.start) * p
     if s.kind == "cosine":
         return end + (s.start - end) * (1 + math.cos(math.pi * p)) / 2
+    if s.kind == "switch":
+        return s.start if at.fraction < s.at else end
     return s.start * s.factor ** math.floor(at.epoch / s.every + 1e-9)

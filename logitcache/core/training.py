@@ -116,7 +116,7 @@ SYNC_EVERY = 25  # steps between host syncs (finiteness check, progress bar): no
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, scheduler, *, epoch: int,
-                desc: str, modules: Iterable[nn.Module] = (), dist: Dist = Dist.single()) -> dict:
+                desc: str, modules: Iterable[nn.Module] = (), dist: Dist = Dist.single(), bar: bool = True) -> dict:
     """One pass over the loader; `step(batch)` returns (loss, logits, labels) and optionally a dict of named
     loss terms, whose per-sample means over the epoch are returned as `loss/<name>`.
 
@@ -132,7 +132,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not dist.is_main)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not (bar and dist.is_main))
     with bar:  # closed, its line cleared, however the epoch ends: an interrupt's message starts a clean line
         for i, batch in enumerate(bar):
             interrupt.check()

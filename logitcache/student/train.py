@@ -7,6 +7,8 @@ methods), build the learner and the batches, train epoch by epoch, then evaluate
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.cache.format import form_dataset, stored_forms
 from logitcache.cache.reader import Cache
+from logitcache.core import interrupt
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.data import Split, holdout, load_split, split_identity
 from logitcache.core.distributed import Dist
@@ -61,19 +64,29 @@ from logitcache.student.methods import (
 )
 
 
-def train_student(params: Params, name: str = "default", *, resume: bool = False, dist: Dist = Dist.single()) -> dict:
+def train_student(params: Params, name: str = "default", *, resume: bool = False, dist: Dist = Dist.single(),
+                  jobs: int = 1) -> dict:
     """Train student NAME once, or once per seed of `seeds` (in <out>/runs/seed<N>/) with mean and std in <out>.
 
-    Under torchrun every rank trains on its part of each global batch (DDP); rank 0 alone
-    evaluates and writes. Returns the metrics on rank 0 and {} on the others.
+    `jobs` > 1 trains that many seeds at once, in processes that share the CPU threads (a run's
+    bits depend on its thread count, recorded in metrics.json, not on the other jobs). Under torchrun
+    every rank trains on its part of each global batch (DDP); rank 0 alone evaluates and
+    writes. Returns the metrics on rank 0 and {} on the others.
     """
     cfg = params.student(name)
     out = Path(cfg.out)
     check_output_folder(out, f"students.{name}.out")
+    if jobs < 1:
+        raise LogitcacheError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and dist.world_size > 1:
+        raise LogitcacheError("--jobs trains seeds in separate processes; under torchrun leave it at 1")
     if not cfg.seeds:
         return train_one(params, cfg, name, out, resume=resume, dist=dist)
-    runs = [train_one(params, cfg.model_copy(update={"seed": seed}), name, out / "runs" / f"seed{seed}",
-                      resume=resume, dist=dist) for seed in cfg.seeds]
+    seeds = [(cfg.model_copy(update={"seed": seed}), out / "runs" / f"seed{seed}") for seed in cfg.seeds]
+    if jobs > 1 and len(seeds) > 1:
+        runs = _train_in_parallel(params, seeds, name, resume, jobs)
+    else:
+        runs = [train_one(params, seed_cfg, name, seed_out, resume=resume, dist=dist) for seed_cfg, seed_out in seeds]
     if not dist.is_main:
         return {}
     summary = aggregate(runs, cfg.seeds)
@@ -84,6 +97,24 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
     save_config({"data": params.data, "student": cfg}, out / "config.json")
     write_json(out / "metrics.json", summary)
     return summary
+
+
+def _train_in_parallel(params: Params, seeds: list, name: str, resume: bool, jobs: int) -> list[dict]:
+    """Train the seeds in `jobs` worker processes, each with an equal share of this process's CPU threads and
+    no progress bar (the runs' lines name their seed). A run's bits depend on its thread count, as any torch
+    run's do, and not on the other jobs: `metrics.json` records `threads`."""
+    jobs = min(jobs, len(seeds))
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads,)) as pool:
+        futures = [pool.submit(train_one, params, seed_cfg, name, seed_out, resume=resume, bar=False)
+                   for seed_cfg, seed_out in seeds]
+        return [future.result() for future in futures]
+
+
+def _worker_setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    interrupt.install()
 
 
 def aggregate(runs: list[dict], seeds: list[int]) -> dict:
@@ -194,7 +225,7 @@ def _bank(path: str, source: TeacherInput) -> torch.Tensor:
 
 
 def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resume: bool = False,
-              dist: Dist = Dist.single()) -> dict:
+              dist: Dist = Dist.single(), bar: bool = True) -> dict:
     config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
     if resume and (done := _finished_run(out, config)) is not None:
         if dist.is_main:
@@ -220,6 +251,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
                                 {"learner": learner, "optimizer": optimizer, "scheduler": scheduler,
                                  "selector": selector}, dist)
     step = Stepper(model, cfg, plan, device, dist, teacher_for, steps_per_pass=len(passes), total=budget.total)
+    label = f"{name} seed {cfg.seed}" if cfg.seeds else name
 
     def run_round(r: int) -> dict:
         start, stop = budget.steps_of(r)
@@ -227,11 +259,11 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
         stream.cover(start, stop)
         step.at = start
         stats = train_epoch(model, loader, step, optimizer, scheduler, epoch=r + 1,
-                            desc=f"{name} {r + 1}/{budget.rounds}", dist=dist)
+                            desc=f"{label} {r + 1}/{budget.rounds}", dist=dist, bar=bar)
         stats = {"round": r + 1, "steps": stop, "epoch": stop / len(passes), **stats}
         if dist.is_main:
             scored = selector.evaluate(r + 1, stats)
-            print(f"{name} step {stop:,}/{budget.total:,} (epoch {stats['epoch']:.2f}): loss {stats['train_loss']:.4f} "
+            print(f"{label} step {stop:,}/{budget.total:,} (epoch {stats['epoch']:.2f}): loss {stats['train_loss']:.4f} "
                   f"train acc {stats['train_acc']:.4f} {scored} ({stats['seconds']:.1f} s)", flush=True)
         return stats
 
@@ -300,7 +332,7 @@ def _finish(params, cfg, plan, student, selector, learner, history, out, config,
     steps = history[-1]["steps"]
     metrics.update(selected, selected_step=history[selected["selected"] - 1]["steps"], mode=mode_name(cfg),
                    labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size, steps=steps,
-                   samples=sum(h["samples"] for h in history), train_seconds=sum(h["seconds"] for h in history),
+                   samples=sum(h["samples"] for h in history), threads=torch.get_num_threads(), train_seconds=sum(h["seconds"] for h in history),
                    seconds_per_epoch=sum(h["seconds"] for h in history) / history[-1]["epoch"])
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
@@ -329,12 +361,17 @@ def _initial_model(cfg: StudentConfig, train: Split) -> nn.Module:
 
 
 def _finished_run(out: Path, config: dict) -> dict | None:
-    """A resumed multi-seed run skips the seeds whose outputs are complete and made with these settings."""
+    """A resumed multi-seed run skips the seeds whose outputs are complete and made with these settings (where
+    the run is stored and which other seeds it was trained with do not count: a moved run is still kept)."""
     if not (out / "student.pt").is_file() or (out / RESUME).exists() or not (out / "metrics.json").is_file():
         return None
-    if load_checkpoint(out / "student.pt")["config"] != json.loads(json.dumps(config, sort_keys=True)):
+    if _settings(load_checkpoint(out / "student.pt")["config"]) != _settings(json.loads(json.dumps(config))):
         return None
     return json.loads((out / "metrics.json").read_text())
+
+
+def _settings(config: dict) -> dict:
+    return {**config, "student": {k: v for k, v in config["student"].items() if k not in ("out", "seeds")}}
 
 
 def _cpu(state: dict) -> dict:
