@@ -1,6 +1,7 @@
 """Benchmark: `train-student` against a bare training loop over tensors already in memory (the physical limit).
 
-Side by side in one process, alternating, several rounds, one epoch over the 60,000
+Side by side in one process, alternating, several rounds (each round starts one run
+further on in the order, so no run always follows the same one), one epoch over the
 training rows each:
   bare KD loop    | train-student kd (cache in memory) | train-student kd (cache read from disk)
   bare CE loop    | train-student ce (random crop + flip)
@@ -137,7 +138,10 @@ def main() -> None:
                     help="loader workers of train-student; several: one run each (default: the params' default)")
     ap.add_argument("--rounds", type=int, default=3, help="alternate every run this many times")
     ap.add_argument("--quick", action="store_true", help="2 rounds and no run from disk")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the CPU's cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     worker_counts = args.workers or [validate({"students": {"b": {}}}).students["b"].workers]
     rounds = 2 if args.quick else args.rounds
     bare = {"kd": BareLoop(args, "kd"), "ce": BareLoop(args, "ce")}
@@ -154,10 +158,11 @@ def main() -> None:
         runs[f"train-student ce, workers {w}"] = lambda out, w=w: train_student_rate(args, "ce", out, workers=w)
     rates = {name: [] for name in runs}
     print(f"{rounds} rounds, {torch.get_num_threads()} torch threads, {load()}", flush=True)
+    names = list(runs)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for i, (name, run) in enumerate(runs.items()):
-                rates[name].append(run(f"{tmp}/{r}-{i}"))
+            for i, name in enumerate(names[r % len(names):] + names[:r % len(names)]):  # each round starts one
+                rates[name].append(runs[name](f"{tmp}/{r}-{i}"))                          # run further on
                 print(f"  round {r + 1}: {name:<44} {rates[name][-1]:7.0f} img/s   ({load()})", flush=True)
     print(f"done, {load()}")
     for name, values in rates.items():
