@@ -122,8 +122,12 @@ def summary(name: str, rates: list[float]) -> str:
 
 
 def ratio(name: str, ours: list[float], bare: list[float]) -> str:
+    """Best to best, median to median, and the median of each round's own ratio (the two runs of a round are
+    at most a few runs apart, so a change of the machine's speed between rounds cancels out of it)."""
+    paired = [o / b for o, b in zip(ours, bare)]
     return f"{name:<44} {max(ours) / max(bare):.3f} best to best, " \
-           f"{statistics.median(ours) / statistics.median(bare):.3f} median to median"
+           f"{statistics.median(ours) / statistics.median(bare):.3f} median to median, " \
+           f"{statistics.median(paired):.3f} median of the rounds' ratios {[round(x, 2) for x in paired]}"
 
 
 def load() -> str:

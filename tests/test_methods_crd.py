@@ -96,6 +96,19 @@ def test_negatives_are_seeded_by_torch_and_exclude_the_batch():
     assert not set(first.tolist()) & set(rows.tolist()) and set(first.tolist()) == set(range(N)) - set(rows.tolist())
 
 
+def test_negatives_come_from_the_training_rows_alone_and_the_noise_counts_only_them():
+    cfg = parse_loss({"crd": {"student": "block3", "teacher": "layer3", "feat_dim": 4, "negatives": 300}},
+                     "students.s")["crd"]
+    held_out = {1, 4, 11, 12}  # validation rows: never a negative
+    train_rows = torch.tensor(sorted(set(range(N)) - held_out))
+    method = methods()["crd"](cfg, Context(10, N, {"block3": (3, 2, 2)}, {KEY: (6,)}, {KEY: torch.zeros(N, 6)},
+                                           train_rows=train_rows))
+    rows = torch.tensor([0, 3])
+    drawn = set(method.draw_negatives(rows).tolist())
+    assert drawn == set(range(N)) - held_out - {0, 3}
+    assert method.num_data == N - 4
+
+
 def test_momentum_bank_updates_the_teacher_memory_and_memories_are_saved():
     torch.manual_seed(0)
     method = _crd(bank="momentum")

@@ -213,7 +213,8 @@ def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple
     ctx = Context(num_classes=train.num_classes, num_samples=len(train),
                   student_shapes={s: tuple(probe[s].shape[1:]) for s in plan.needs.student},
                   teacher_shapes=plan.cache["shapes"] if plan.cache else {},
-                  banks={b: _bank(cfg.caches[0], b).to(device) for b in plan.needs.banks})
+                  banks={b: _bank(cfg.caches[0], b).to(device) for b in plan.needs.banks},
+                  train_rows=torch.from_numpy(np.unique(plan.rows)))
     chosen = {name: methods()[name](c, ctx) for name, c in plan.methods.items()}
     return student, Learner(taker, chosen, cfg).to(device)
 

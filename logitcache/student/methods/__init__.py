@@ -60,6 +60,7 @@ class Context:
     student_shapes: dict[str, tuple[int, ...]]  # node -> shape of one sample
     teacher_shapes: dict[TeacherInput, tuple[int, ...]]  # -> shape of one sample's view
     banks: dict[TeacherInput, torch.Tensor] = field(default_factory=dict)  # -> (num_samples, ...)
+    train_rows: torch.Tensor | None = None  # the rows the run trains on (validation rows are not); None: every row
 
 
 @dataclass

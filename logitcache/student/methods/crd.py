@@ -5,7 +5,7 @@ Both sides' embeddings (the student node pooled with `embedding`, the teacher's 
 train with the student. Each sample's embedding is contrasted, in both directions, with
 memory entries: its own sample's entry is the positive, `negatives` other samples' entries
 the negatives, scored exp(<anchor, entry> / temperature) / Z with Z fixed on the first batch
-(mean score times the sample count), and the NCE loss of the paper's code is summed over the
+(mean score times the number of training rows), and the NCE loss of the paper's code is summed over the
 two directions:
 
 - student anchor vs the teacher bank. `bank: exact` (the default): a cache holds every
@@ -18,7 +18,8 @@ two directions:
 
 Memory entries carry no gradient, as in the paper. To bound memory, one set of negatives is
 drawn per batch (uniformly, with replacement, from torch's global RNG, which the trainer seeds
-per epoch) and shared by every anchor of the batch; it excludes every row of the batch, so
+per epoch) from the rows the run trains on (never a validation row: its cached embedding
+stays out of training) and shared by every anchor of the batch; it excludes every row of the batch, so
 no anchor meets its own positive among its negatives (nor its batch neighbours, a negligible
 difference from the paper's per-anchor draw when the batch is small against the data set).
 Under torchrun each rank contrasts its own rows (the loss is per anchor, so DDP's average is
@@ -101,6 +102,11 @@ class CRD(Method):
         super().__init__(cfg, ctx)
         self.key = TeacherInput(cfg.teacher, "embedding")
         self.num_samples = ctx.num_samples
+        trainable = torch.ones(ctx.num_samples, dtype=torch.bool)
+        if ctx.train_rows is not None:  # negatives come from the training rows alone: never a validation row
+            trainable = torch.zeros_like(trainable).index_fill_(0, ctx.train_rows.cpu(), True)
+        self.register_buffer("trainable", trainable, persistent=False)
+        self.num_data = int(trainable.sum())  # the paper's training-set size, in the noise and in Z
         student_dim = embedding(torch.zeros(1, *ctx.student_shapes[cfg.student])).shape[1]
         self.student_head = Head(student_dim, cfg.feat_dim)
         self.teacher_head = Head(math.prod(ctx.teacher_shapes[self.key]), cfg.feat_dim)
@@ -116,8 +122,8 @@ class CRD(Method):
         return torch.rand(self.num_samples, self.cfg.feat_dim) * 2 * bound - bound
 
     def draw_negatives(self, rows: torch.Tensor) -> torch.Tensor:
-        """`negatives` sample indices, uniformly with replacement from the samples not in this batch."""
-        allowed = torch.ones(self.num_samples, dtype=torch.bool, device=rows.device)
+        """`negatives` sample indices, uniformly with replacement from the training rows not in this batch."""
+        allowed = self.trainable.clone()
         allowed[rows] = False
         pool = allowed.nonzero().squeeze(1)
         return pool[torch.randint(len(pool), (self.cfg.negatives,), device=pool.device)]
@@ -139,8 +145,8 @@ class CRD(Method):
         student_anchor = contrast(f_s, self.teacher_entries(rows), self.teacher_entries(negatives), tau)
         teacher_anchor = contrast(f_t, self.student_memory[rows], self.student_memory[negatives], tau)
         z = self._normalisers(student_anchor, teacher_anchor, batch.world_size)
-        loss_s = nce_loss(student_anchor / z[0], self.num_samples)
-        loss_t = nce_loss(teacher_anchor / z[1], self.num_samples)
+        loss_s = nce_loss(student_anchor / z[0], self.num_data)
+        loss_t = nce_loss(teacher_anchor / z[1], self.num_data)
         self._remember(self.student_memory, f_s, rows, batch.world_size)
         if self.cfg.bank == "momentum":
             self._remember(self.teacher_memory, f_t, rows, batch.world_size)
@@ -152,7 +158,7 @@ class CRD(Method):
         """Z = mean score (over the global batch) times the sample count, fixed from the first batch on."""
         if bool((self.normalisers < 0).any()):
             means = torch.stack([student_anchor.mean(), teacher_anchor.mean()])
-            self.normalisers.copy_(gather_batch(means[None], world).mean(0) * self.num_samples)
+            self.normalisers.copy_(gather_batch(means[None], world).mean(0) * self.num_data)
         return self.normalisers.clone()
 
     @torch.no_grad()
