@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,54 @@ def test_seeds_trained_at_once_give_the_bits_of_seeds_trained_in_turn_and_a_move
     with pytest.raises(LogitcacheError, match="under torchrun leave it at 1"):
         from logitcache.core.distributed import Dist
         train_student(params(tmp_path / "ddp"), "kd", jobs=2, dist=Dist(rank=0, world_size=2, local_rank=0))
+
+
+def workers_of(pid: int) -> list[int]:
+    """The processes `pid` spawned to train seeds (not its resource tracker), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_seeds_trained_at_once_stop_with_their_parent(data_cfg, cache_dir, tmp_path, sig):
+    """A signal to the parent alone (as a scheduler or `kill` sends it): SIGINT stops every seed at its next step,
+    SIGKILL leaves workers that exit at once; no seed trains on to its end either way."""
+    params_path = write_params(tmp_path, {"data": data_cfg.model_dump(), "students": {
+        "kd": student_settings(cache_dir, tmp_path, seeds=[0, 1], epochs=500)}})
+    proc = start(["train-student", "kd", "--jobs", "2"], params_path)
+    runs = tmp_path / "student" / "runs"
+    deadline = time.monotonic() + 240
+    while not all((runs / f"seed{s}" / RESUME).exists() for s in (0, 1)):  # both seeds are training
+        assert proc.poll() is None, f"run ended before both seeds saved an epoch: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no resume.pt for both seeds in time"
+        time.sleep(0.05)
+    workers = workers_of(proc.pid)
+    assert len(workers) == 2
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 30
+    while not all(ended(w) for w in workers):
+        assert time.monotonic() < deadline, "the workers train on without their parent"
+        time.sleep(0.1)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    for s in (0, 1):  # stopped mid-run: resumable state, never a finished-looking seed
+        assert (runs / f"seed{s}" / RESUME).exists() and not (runs / f"seed{s}" / "student.pt").exists()
+        assert load_checkpoint(runs / f"seed{s}" / RESUME)["epoch"] < 500

@@ -106,15 +106,22 @@ def _train_in_parallel(params: Params, seeds: list, name: str, resume: bool, job
     jobs = min(jobs, len(seeds))
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads,)) as pool:
+    stop = context.Event()
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads, stop)) as pool:
         futures = [pool.submit(train_one, params, seed_cfg, name, seed_out, resume=resume, bar=False)
                    for seed_cfg, seed_out in seeds]
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:  # an interrupt, or one seed's error: the other seeds stop too, resumable
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
-def _worker_setup(threads: int) -> None:
+def _worker_setup(threads: int, stop) -> None:
     torch.set_num_threads(threads)
     interrupt.install()
+    interrupt.follow_parent(stop)
 
 
 def aggregate(runs: list[dict], seeds: list[int]) -> dict:
