@@ -9,7 +9,10 @@ beside it). Checkpoints are selected on the validation split; test accuracy is s
 once per run. A student's seeds train at once (`--jobs`, as in dvc.yaml). Writes the
 table between markers in docs/benchmarks.md, docs/budget.png, and
 data/budget/<student>.json (a DVC plot: `dvc plots show`), and keeps every run's metrics
-in data/budget/ for --render-only; finished runs found there are kept, not retrained.
+in data/budget/ for --render-only (which leaves out, and names, the points whose runs have not
+finished); finished runs found there are kept, not retrained. The last column is the test
+accuracy of the teacher whose cache a point's runs read, so points made against another
+cache (an earlier teacher, or another torch build) show it.
 
     python benchmarks/budget_curve.py                  # after `dvc repro`
     python benchmarks/budget_curve.py --multiples 0.5 1 2 4
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -44,23 +46,35 @@ def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Pa
     if train:
         train_student(params, name, resume=True, jobs=jobs)  # seeds already trained with these settings are kept
     m = json.loads((out / "metrics.json").read_text())
-    per_seed = [json.loads((out / "runs" / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
     return {"student": name, "multiple": multiple, "steps": int(m["steps"]), "samples": int(m["samples"]),
             "test_acc": m["test_acc"], "test_acc_std": m["test_acc_std"], "val_acc": m["val_acc"],
-            "val_acc_std": m["val_acc_std"], "seconds": statistics.mean(r["train_seconds"] for r in per_seed),
+            "val_acc_std": m["val_acc_std"], "seconds": m["train_seconds"], "teacher": m["teacher_test_acc"],
             "wall": time.perf_counter() - start}
+
+
+def _finished(params_path: str, name: str, multiple: float, work: Path) -> bool:
+    """Whether the runs of `name` at `multiple` x its budget are complete; --render-only draws only those."""
+    base = load_params(params_path).students[name]
+    steps = round(multiple * base.steps)
+    out = Path(base.out) if multiple == 1 else work / f"{name}_{steps}"
+    if not (out / "metrics.json").is_file():
+        print(f"{name} at {steps:,} steps: no finished runs in {out}, left out")
+        return False
+    return True
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| student | budget | steps | samples seen | val acc (%) | test acc (%) | gain over half the budget: "
-             "val / test (pts) | train time per seed (s) |", "|---|---|---|---|---|---|---|---|"]
+             "val / test (pts) | train time per seed (s) | cache's teacher, test acc (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         half = next((h for h in rows if h["student"] == r["student"] and 2 * h["multiple"] == r["multiple"]), None)
         gain = f"{100 * (r['val_acc'] - half['val_acc']):+.2f} / {100 * (r['test_acc'] - half['test_acc']):+.2f}" \
             if half else "–"
         lines.append(f"| {r['student']} | {r['multiple']:g}× | {r['steps']:,} | {r['samples']:,} | "
                      f"{100 * r['val_acc']:.2f} ± {100 * r['val_acc_std']:.2f} | "
-                     f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | {gain} | {r['seconds']:.0f} |")
+                     f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} | {gain} | {r['seconds']:.0f} | "
+                     f"{100 * r['teacher']:.2f} |")
     return "\n".join(lines)
 
 
@@ -97,7 +111,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     rows = [run(args.params, name, k, args.seeds, work, train=not args.render_only, jobs=args.jobs)
-            for name in args.students for k in args.multiples]
+            for name in args.students for k in args.multiples
+            if not args.render_only or _finished(args.params, name, k, work)]
     for name in args.students:  # the DVC plot: one file per student, x = steps
         write_json(work / f"{name}.json", [{k: r[k] for k in ("steps", "test_acc", "test_acc_std", "val_acc")}
                                            for r in rows if r["student"] == name])
