@@ -35,11 +35,7 @@ from logitcache.student.train import train_student
 
 def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Path, train: bool, jobs: int) -> dict:
     """Train student `name` at `multiple` x its budget for every seed (or read the kept runs), and sum it up."""
-    base = load_params(params_path).students[name]
-    if base.steps is None:
-        raise SystemExit(f"students.{name} has no steps: budget in params.yaml; the curve multiplies it")
-    steps = round(multiple * base.steps)
-    out = Path(base.out) if multiple == 1 else work / f"{name}_{steps}"  # 1x: the pipeline's own runs
+    steps, out = point(params_path, name, multiple, work)
     params = load_params(params_path, [f"students.{name}.steps={steps}",
                                        f"students.{name}.seeds={json.dumps(seeds)}", f"students.{name}.out={out}"])
     start = time.perf_counter()
@@ -52,11 +48,18 @@ def run(params_path: str, name: str, multiple: float, seeds: list[int], work: Pa
             "wall": time.perf_counter() - start}
 
 
-def _finished(params_path: str, name: str, multiple: float, work: Path) -> bool:
-    """Whether the runs of `name` at `multiple` x its budget are complete; --render-only draws only those."""
+def point(params_path: str, name: str, multiple: float, work: Path) -> tuple[int, Path]:
+    """The step budget of `name` at `multiple` x its own, and the folder of its runs (1x: the pipeline's own)."""
     base = load_params(params_path).students[name]
+    if base.steps is None:
+        raise SystemExit(f"students.{name} has no steps: budget in params.yaml; the curve multiplies it")
     steps = round(multiple * base.steps)
-    out = Path(base.out) if multiple == 1 else work / f"{name}_{steps}"
+    return steps, Path(base.out) if multiple == 1 else work / f"{name}_{steps}"
+
+
+def finished(params_path: str, name: str, multiple: float, work: Path) -> bool:
+    """Whether the runs of `name` at `multiple` x its budget are complete; --render-only draws only those."""
+    steps, out = point(params_path, name, multiple, work)
     if not (out / "metrics.json").is_file():
         print(f"{name} at {steps:,} steps: no finished runs in {out}, left out")
         return False
@@ -112,7 +115,7 @@ def main() -> None:
     work = Path(args.work)
     rows = [run(args.params, name, k, args.seeds, work, train=not args.render_only, jobs=args.jobs)
             for name in args.students for k in args.multiples
-            if not args.render_only or _finished(args.params, name, k, work)]
+            if not args.render_only or finished(args.params, name, k, work)]
     for name in args.students:  # the DVC plot: one file per student, x = steps
         write_json(work / f"{name}.json", [{k: r[k] for k in ("steps", "test_acc", "test_acc_std", "val_acc")}
                                            for r in rows if r["student"] == name])
