@@ -1,18 +1,22 @@
 """Killed and interrupted training runs: nothing claims to be complete, and --resume continues to the same bits."""
 
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import yaml
 
+from logitcache.cache.reader import Cache
 from logitcache.core.config import validate
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_checkpoint
@@ -273,3 +277,26 @@ def test_seeds_trained_at_once_stop_with_their_parent(data_cfg, cache_dir, tmp_p
     for s in (0, 1):  # stopped mid-run: resumable state, never a finished-looking seed
         assert (runs / f"seed{s}" / RESUME).exists() and not (runs / f"seed{s}" / "student.pt").exists()
         assert load_checkpoint(runs / f"seed{s}" / RESUME)["epoch"] < 500
+
+
+def test_a_finished_seed_is_retrained_on_resume_after_the_cache_is_dumped_again(data_cfg, cache_dir, tmp_path, capfd):
+    cache = tmp_path / "train.h5"
+    shutil.copyfile(cache_dir / "train.h5", cache)
+    params = validate({"data": data_cfg.model_dump(),
+                       "students": {"kd": student_settings(cache_dir, tmp_path, caches=[str(cache)], seeds=[0],
+                                                           epochs=1, workers=0)}})
+    seed0 = tmp_path / "student" / "runs" / "seed0"
+    train_student(params, "kd")
+    train_student(params, "kd", resume=True)
+    assert f"kd seed 0 already finished, kept ({seed0})" in capfd.readouterr().out
+
+    with h5py.File(cache, "r+") as f:  # as if dumped again from another teacher checkpoint
+        teacher = json.loads(f.attrs["teacher"])
+        f.attrs["teacher"] = json.dumps({**teacher, "checkpoint_sha256": "0" * 64}, sort_keys=True)
+    train_student(params, "kd", resume=True)
+    printed = capfd.readouterr().out
+    assert "already finished" not in printed and "kd seed 0 step" in printed  # trained again, from its first step
+    kept = load_checkpoint(seed0 / "student.pt")["config"]["caches"]
+    with Cache(cache) as reopened:
+        assert kept[str(cache)] == reopened.identity == hashlib.sha256(json.dumps(
+            {k: v for k, v in reopened.meta.items() if k != "logitcache_version"}, sort_keys=True).encode()).hexdigest()

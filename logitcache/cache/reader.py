@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import h5py
@@ -64,6 +66,13 @@ class Cache:
     @property
     def layers(self) -> dict[str, dict]:
         return {layer["name"]: layer for layer in self.meta["layers"]}
+
+    @property
+    def identity(self) -> str:
+        """sha256 of everything that fixes the targets: teacher checkpoint, data, transform, views, layers, dtypes
+        (the metadata but the writer's version); a re-dump from another teacher or with other settings changes it."""
+        fixed = {key: value for key, value in self.meta.items() if key != "logitcache_version"}
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
     def dataset(self, name: str) -> h5py.Dataset:
         return self.file[name]

@@ -46,7 +46,7 @@ from logitcache.core.training import (
     train_epoch,
     validation_scorer,
 )
-from logitcache.core.views import RandomViews, ViewRenderer, ViewSpec, normalizer
+from logitcache.core.views import Normalizer, RandomViews, ViewRenderer, ViewSpec
 from logitcache.student.batches import FRESH_VIEWS, CachedColumn, StepStream, StudentBatches, ViewBatchSampler
 from logitcache.student.evaluate import evaluate_model
 from logitcache.student.losses import masked_ce
@@ -216,7 +216,7 @@ def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple
     taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
                   device)
     with torch.no_grad():
-        probe = taker.eval()(normalizer(train.mean, train.std)(train.images[:2].to(device)))
+        probe = taker.eval()(Normalizer(train.mean, train.std)(train.images[:2].to(device)))
     ctx = Context(num_classes=train.num_classes, num_samples=len(train),
                   student_shapes={s: tuple(probe[s].shape[1:]) for s in plan.needs.student},
                   teacher_shapes=plan.cache["shapes"] if plan.cache else {},
@@ -234,8 +234,8 @@ def _bank(path: str, source: TeacherInput) -> torch.Tensor:
 
 def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resume: bool = False,
               dist: Dist = Dist.single(), bar: bool = True) -> dict:
-    config = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
-    if resume and (done := _finished_run(out, config)) is not None:
+    settings = {"data": params.data.model_dump(mode="json"), "student": cfg.model_dump(mode="json"), "name": name}
+    if resume and (done := _finished_run(out, settings, cfg)) is not None:
         if dist.is_main:
             print(f"{name} seed {cfg.seed} already finished, kept ({out})", flush=True)
         return done if dist.is_main else {}
@@ -244,6 +244,7 @@ def train_one(params: Params, cfg: StudentConfig, name: str, out: Path, *, resum
     seed_everything(cfg.seed)
 
     plan = plan_run(params, cfg, name)
+    config = {**settings, "caches": _cache_identities(cfg)}
     student, learner = build_learner(plan, cfg, device)
     dataset, passes = _batches(cfg, plan, dist)
     budget = Budget.of(cfg, len(passes))
@@ -308,7 +309,7 @@ class Stepper:
     def __init__(self, model, cfg: StudentConfig, plan: Plan, device, dist: Dist, teacher_for, steps_per_pass: int,
                  total: int):
         self.model, self.cfg, self.device, self.dist, self.teacher_for = model, cfg, device, dist, teacher_for
-        self.prepare = normalizer(plan.train.mean, plan.train.std)
+        self.prepare = Normalizer(plan.train.mean, plan.train.std)
         self.steps_per_pass, self.total = steps_per_pass, total
         self.at = 0  # the run's global step
 
@@ -368,14 +369,27 @@ def _initial_model(cfg: StudentConfig, train: Split) -> nn.Module:
     return model
 
 
-def _finished_run(out: Path, config: dict) -> dict | None:
-    """A resumed multi-seed run skips the seeds whose outputs are complete and made with these settings (where
-    the run is stored and which other seeds it was trained with do not count: a moved run is still kept)."""
+def _finished_run(out: Path, settings: dict, cfg: StudentConfig) -> dict | None:
+    """A resumed multi-seed run skips the seeds whose outputs are complete and made with these settings from these
+    caches (where the run is stored and which other seeds it was trained with do not count: a moved run is still
+    kept; a re-dumped cache is not the same cache)."""
     if not (out / "student.pt").is_file() or (out / RESUME).exists() or not (out / "metrics.json").is_file():
         return None
+    config = {**settings, "caches": _cache_identities(cfg)}
     if _settings(load_checkpoint(out / "student.pt")["config"]) != _settings(json.loads(json.dumps(config))):
         return None
     return json.loads((out / "metrics.json").read_text())
+
+
+def _cache_identities(cfg: StudentConfig) -> dict[str, str]:
+    """Each cache the run reads (the test cache too, when it exists) -> its identity: a run kept or resumed after a
+    re-dump would hold targets of another teacher."""
+    paths = [*cfg.caches, *([cfg.test_cache] if cfg.test_cache and Path(cfg.test_cache).exists() else [])]
+    identities = {}
+    for path in paths:
+        with Cache(path) as cache:
+            identities[path] = cache.identity
+    return identities
 
 
 def _settings(config: dict) -> dict:
