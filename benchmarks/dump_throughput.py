@@ -25,7 +25,7 @@ from logitcache.core.config import DataConfig, validate
 from logitcache.core.data import load_split, prepare_data
 from logitcache.core.features import load_teacher
 from logitcache.core.training import select_device
-from logitcache.core.views import ViewRenderer, ViewSpec, normalizer, view_params
+from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec, view_params
 from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
@@ -37,7 +37,7 @@ def bare_inference(params, teacher, n: int) -> float:
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), cfg.views)
     device = select_device(cfg.device)
     model = teacher.model.to(device).eval()
-    prepare = normalizer(split.mean, split.std)
+    prepare = Normalizer(split.mean, split.std)
     per_batch = max(1, cfg.batch_size // vparams.shape[1])
     loader = DataLoader(Subset(ViewDataset(split, vparams, ViewRenderer(spec)), range(n)), batch_size=per_batch,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")

@@ -13,7 +13,7 @@ from logitcache.core.config import validate
 from logitcache.core.data import load_split
 from logitcache.core.io import load_model
 from logitcache.core.models import build_model, layer_channels, resize_layers
-from logitcache.core.views import normalizer
+from logitcache.core.views import Normalizer
 from logitcache.deploy.prune import prune_model
 from logitcache.student.train import train_student
 
@@ -37,7 +37,7 @@ def _params(data_cfg, cache_dir, out, export=None, prune=None, **student):
 
 def _test_inputs(data_cfg):
     test = load_split(data_cfg, "test")
-    return normalizer(test.mean, test.std)(test.images), test.labels
+    return Normalizer(test.mean, test.std)(test.images), test.labels
 
 
 @pytest.mark.slow

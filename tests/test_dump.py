@@ -20,7 +20,7 @@ from logitcache.core.config import validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
+from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec
 from logitcache.teacher.dump import dump_teacher
 
 
@@ -78,7 +78,7 @@ def test_round_trip_rows_equal_independently_recomputed_teacher_outputs(data_cfg
     images = torch.stack([render(split.images[i], p) for i in rows for p in vparams[i]])
     extractor = create_feature_extractor(teacher.model.eval(), {"layer1": "layer1", "layer2": "layer2", "fc": "logits"})
     with torch.inference_mode():
-        out = extractor(normalizer(split.mean, split.std)(images))
+        out = extractor(Normalizer(split.mean, split.std)(images))
     assert np.allclose(f["logits"][rows], out["logits"].reshape(3, 3, 10).numpy(), atol=2e-2, rtol=2e-3)
     for layer, pool, p in (("layer1", 1, 3.0), ("layer2", 2, 2.0)):
         expected = _forms_float64(out[layer], pool, p)
@@ -101,7 +101,7 @@ def test_recorded_teacher_accuracy_equals_a_forward_pass_over_every_row(data_cfg
     with Cache(path) as cache:
         recorded, eval_view, vp = cache.meta["teacher_accuracy"], cache.meta["views"]["eval_view"], cache.view_params()
     split = load_split(data_cfg, "train")
-    model, prepare = load_teacher(teacher_ckpt).model.eval(), normalizer(split.mean, split.std)
+    model, prepare = load_teacher(teacher_ckpt).model.eval(), Normalizer(split.mean, split.std)
     render = ViewRenderer(ViewSpec(2, True))
     views = torch.stack([torch.stack([render(split.images[i], p) for p in vp[i]]) for i in range(600)])
     with torch.inference_mode():
@@ -142,7 +142,7 @@ def test_replayed_view_is_bit_identical_to_the_dumped_input(data_cfg, teacher_ck
         vp = cache.view_params()
     render = ViewRenderer(spec)
     replay = torch.stack([render(split.images[i], vp[i, v]) for i in range(600) for v in range(3)])
-    assert torch.equal(normalizer(split.mean, split.std)(replay), dumped)
+    assert torch.equal(Normalizer(split.mean, split.std)(replay), dumped)
 
 
 def test_existing_cache_is_not_overwritten(data_cfg, teacher_ckpt, tmp_path):

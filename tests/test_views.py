@@ -130,3 +130,18 @@ def test_random_views_render_in_one_batch_as_image_by_image(spec):
     render = ViewRenderer(spec)
     expected = torch.stack([render(img, p) for img, p in zip(images, params)])
     assert torch.equal(render_batch(render, images, params), expected)
+
+
+def test_the_normalizer_gives_the_bits_of_torchvisions_to_dtype_then_normalize():
+    from torchvision.transforms import v2
+
+    from logitcache.core.views import Normalizer
+
+    images = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    assert torch.equal(Normalizer(mean, std)(images), reference(images))
+    gray = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.286], [0.353])])
+    assert torch.equal(Normalizer([0.286], [0.353])(images[:, :1]), gray(images[:, :1]))
+    with pytest.raises(TypeError, match="uint8"):
+        Normalizer(mean, std)(images.float())

@@ -16,7 +16,7 @@ from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.views import ViewRenderer, ViewSpec, normalizer
+from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec
 
 
 def describe(path: str | Path) -> dict:
@@ -87,7 +87,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
         taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = taker(normalizer(split.mean, split.std)(images))
+            out = taker(Normalizer(split.mean, split.std)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
         if cache.meta["topk"]:

@@ -22,7 +22,7 @@ from logitcache.core.data import IndexedDataset, Split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_checkpoint, save_checkpoint
-from logitcache.core.views import normalizer
+from logitcache.core.views import Normalizer
 
 
 def select_device(name: str, dist: Dist = Dist.single()) -> torch.device:
@@ -187,7 +187,7 @@ def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: 
     """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy."""
     loader = make_loader(Subset(IndexedDataset(split, nn.Identity()), rows.tolist()), 512, shuffle=False, seed=0,
                          workers=0, device=device)
-    prepare = normalizer(split.mean, split.std)
+    prepare = Normalizer(split.mean, split.std)
 
     def score() -> dict:
         if not len(rows):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -209,19 +210,37 @@ class ViewRenderer:
 
 
 def render_batch(renderer: ViewRenderer, images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
-    """Many views at once. Without a policy, one gather for the whole batch from a strided view of every crop of
-    the padded images: the same bytes as `renderer` per image (pad, crop and flip only move pixels), at a
-    fraction of the cost."""
+    """Many views at once. Without a policy, one gather for the whole batch: each image is zero-padded as it is and
+    mirrored, and a view is one window of one of the two (a mirrored crop at `left` is the crop at `2p - left` of
+    the mirrored image), taken by a single index into a strided view of every window. The same bytes as
+    `renderer` per image (pad, crop and flip only move pixels), at a fraction of the cost."""
     if renderer.policy is not None:
         return torch.stack([renderer(img, p) for img, p in zip(images, params)])
-    height, width = images.shape[-2:]
-    params = torch.as_tensor(params)
-    padded = torch.nn.functional.pad(images, [renderer.spec.padding] * 4)
-    crops = padded.unfold(2, height, 1).unfold(3, width, 1)  # (B, C, 2p+1, 2p+1, H, W), no copy
-    out = crops[torch.arange(len(images)), :, params[:, 1], params[:, 2]]
-    return torch.where(params[:, 3, None, None, None].bool(), out.flip(-1), out)
+    pad, params, images = renderer.spec.padding, np.asarray(params), np.asarray(images)
+    b, c, h, w = images.shape
+    both = np.zeros((b, 2, c, h + 2 * pad, w + 2 * pad), dtype=images.dtype)
+    both[:, 0, :, pad:pad + h, pad:pad + w] = images
+    both[:, 1, :, pad:pad + h, pad:pad + w] = images[..., ::-1]
+    s = both.strides  # windows[i, flip, top, left] is a (C, H, W) view: no copy until the index below
+    windows = as_strided(both, (b, 2, 2 * pad + 1, 2 * pad + 1, c, h, w), (s[0], s[1], s[3], s[4], s[2], s[3], s[4]),
+                         writeable=False)
+    flip = params[:, 3]
+    left = np.where(flip == 1, 2 * pad - params[:, 2], params[:, 2])
+    return torch.from_numpy(windows[np.arange(b), flip, params[:, 1], left])
 
 
-def normalizer(mean, std) -> v2.Transform:
-    """uint8 batch -> normalised float batch; run on the device, after the loader."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+class Normalizer:
+    """uint8 batch -> normalised float batch, run on the device after the loader: the arithmetic of
+    `v2.ToDtype(float32, scale=True)` then `v2.Normalize(mean, std)`, to the bit (tests/test_views.py), without
+    their per-call dispatch, which costs as much as the arithmetic on a training batch."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Normalizer takes uint8 images, got {images.dtype}")
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)

@@ -20,7 +20,7 @@ from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import atomic_folder, load_model, write_json
-from logitcache.core.views import normalizer
+from logitcache.core.views import Normalizer
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
 
@@ -35,7 +35,7 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     arch = ckpt["model_info"]["model"]
     data = checkpoint_data(ckpt, checkpoint)
     test = load_split(data, "test")
-    images = normalizer(test.mean, test.std)(test.images).numpy()
+    images = Normalizer(test.mean, test.std)(test.images).numpy()
     labels = test.labels.numpy()
     eager = torch_runtime(model.eval())
     reference = predict(eager, images)

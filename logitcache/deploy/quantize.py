@@ -22,7 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from logitcache.cache.reader import Cache
 from logitcache.core.data import Split
-from logitcache.core.views import ViewRenderer, ViewSpec, normalizer, render_batch
+from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec, render_batch
 
 
 class _Batches(CalibrationDataReader):
@@ -43,7 +43,7 @@ def calibration_images(cache_path: str, train: Split, count: int, seed: int) -> 
     rows = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
     chosen = rng.integers(0, views.shape[1], size=len(rows))
     images = render_batch(ViewRenderer(spec), train.images[rows], views[rows, chosen])
-    return normalizer(train.mean, train.std)(images).numpy()
+    return Normalizer(train.mean, train.std)(images).numpy()
 
 
 def quantize(fp32: Path, int8: Path, input_name: str, calibration: np.ndarray | None) -> str:

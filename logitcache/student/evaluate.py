@@ -16,7 +16,7 @@ from logitcache.core.data import IndexedDataset, Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
 from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
-from logitcache.core.views import normalizer
+from logitcache.core.views import Normalizer
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
@@ -26,7 +26,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     if model_info is not None:
         _check_fits(model_info, test)
     loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    prepare = normalizer(test.mean, test.std)
+    prepare = Normalizer(test.mean, test.std)
     logits, labels = predict(model, loader, device, prepare)
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))

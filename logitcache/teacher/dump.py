@@ -24,12 +24,12 @@ from logitcache.core.features import FeatureTaker, Teacher, activation_side, loa
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
+    Normalizer,
     ViewRenderer,
     ViewSpec,
     code_dtype,
     crop_flip_codes,
     eval_view,
-    normalizer,
     render_batch,
     view_params,
 )
@@ -104,7 +104,7 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
     taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()
-    prepare = normalizer(split.mean, split.std)
+    prepare = Normalizer(split.mean, split.std)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
     layers, classes = _layer_records(taker, specs, split, prepare, device)
     record = _metadata(cfg, teacher, split, spec, vparams, layers)

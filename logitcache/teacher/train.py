@@ -32,7 +32,7 @@ from logitcache.core.training import (
     train_epoch,
     validation_scorer,
 )
-from logitcache.core.views import ViewSpec, normalizer
+from logitcache.core.views import Normalizer, ViewSpec
 
 CHECKPOINT = "teacher.pt"
 
@@ -51,7 +51,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     seed_everything(cfg.seed)
     model = place(build_model(cfg.model, train.channels, train.num_classes), device)
     trained = data_parallel(model, device, dist)
-    prepare = normalizer(train.mean, train.std)
+    prepare = Normalizer(train.mean, train.std)
     augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
     dataset = Subset(IndexedDataset(train, augment), train_rows.tolist())  # never the validation rows
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
