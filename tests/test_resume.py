@@ -300,3 +300,12 @@ def test_a_finished_seed_is_retrained_on_resume_after_the_cache_is_dumped_again(
     with Cache(cache) as reopened:
         assert kept[str(cache)] == reopened.identity == hashlib.sha256(json.dumps(
             {k: v for k, v in reopened.meta.items() if k != "logitcache_version"}, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_ce_student_needs_no_training_cache_and_is_kept_on_resume(data_cfg, cache_dir, tmp_path, capfd):
+    params = validate({"data": data_cfg.model_dump(),
+                       "students": {"ce": student_settings(cache_dir, tmp_path, caches=[str(tmp_path / "none.h5")],
+                                                           loss={}, seeds=[0], epochs=1, workers=0)}})
+    train_student(params, "ce")  # a CE student reads no training cache: one that was never dumped is no error
+    train_student(params, "ce", resume=True)
+    assert f"ce seed 0 already finished, kept ({tmp_path / 'student' / 'runs' / 'seed0'})" in capfd.readouterr().out

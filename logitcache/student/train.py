@@ -375,16 +375,22 @@ def _finished_run(out: Path, settings: dict, cfg: StudentConfig) -> dict | None:
     kept; a re-dumped cache is not the same cache)."""
     if not (out / "student.pt").is_file() or (out / RESUME).exists() or not (out / "metrics.json").is_file():
         return None
-    config = {**settings, "caches": _cache_identities(cfg)}
-    if _settings(load_checkpoint(out / "student.pt")["config"]) != _settings(json.loads(json.dumps(config))):
+    saved = load_checkpoint(out / "student.pt")["config"]
+    if _settings({**saved, "caches": None}) != _settings(json.loads(json.dumps({**settings, "caches": None}))):
+        return None  # other settings: no cache is opened, the run starts and reports its own errors
+    try:
+        if saved.get("caches") != _cache_identities(cfg):
+            return None
+    except LogitcacheError:  # a cache that cannot be opened now: not kept; training says what is wrong
         return None
     return json.loads((out / "metrics.json").read_text())
 
 
 def _cache_identities(cfg: StudentConfig) -> dict[str, str]:
-    """Each cache the run reads (the test cache too, when it exists) -> its identity: a run kept or resumed after a
-    re-dump would hold targets of another teacher."""
-    paths = [*cfg.caches, *([cfg.test_cache] if cfg.test_cache and Path(cfg.test_cache).exists() else [])]
+    """Each cache the run reads (the training caches when it distils, the test cache when it exists) -> its
+    identity: a run kept or resumed after a re-dump would hold targets of another teacher."""
+    paths = [*(cfg.caches if cfg.loss else []),
+             *([cfg.test_cache] if cfg.test_cache and Path(cfg.test_cache).exists() else [])]
     identities = {}
     for path in paths:
         with Cache(path) as cache:
