@@ -13,6 +13,7 @@ from logitcache.student.losses import masked_ce
 from logitcache.student.methods import (
     Batch,
     Context,
+    StudentOut,
     TeacherInput,
     TeacherOut,
     describe,
@@ -193,3 +194,22 @@ def test_dkd_and_sp_train_end_to_end_from_the_cache(data_cfg, cache_dir, tmp_pat
     history = json.loads((tmp_path / "s" / "history.json").read_text())
     assert metrics["mode"] == "dkd+sp"
     assert history[0]["loss/dkd.nckd"] > 0 and history[0]["loss/sp"] > 0
+
+
+def test_fitnets_adapts_a_half_precision_student_feature_in_float32_against_float64():
+    """A student feature in bfloat16 (as CUDA autocast gives) enters the adapter in float32: the hint equals a float64
+    1x1 conv + batch-norm (training mode, gamma 1, beta 0) of the same feature, then the MSE to the teacher map."""
+    torch.manual_seed(0)
+    cfg = parse_loss({"fitnets": {"pairs": [["block2", "layer2"]]}}, "students.s")["fitnets"]
+    key = TeacherInput("layer2", "map")
+    method = methods()["fitnets"](cfg, Context(10, 100, {"block2": (3, 4, 4)}, {key: (5, 4, 4)}))
+    feature = torch.randn(6, 3, 4, 4).bfloat16()
+    target = torch.randn(6, 5, 4, 4)
+    loss, _ = method(StudentOut(torch.zeros(6, 10), {"block2": feature}), TeacherOut([], {key: target}),
+                     Batch(torch.zeros(6, dtype=torch.long), torch.zeros(6), torch.arange(6)), Progress(0, 0))
+    x = feature.double().numpy()
+    w = method.adapters[0].proj[0].weight.detach().double().numpy()[:, :, 0, 0]
+    y = np.einsum("oc,bchw->bohw", w, x)
+    y = (y - y.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(y.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(((y - target.double().numpy()) ** 2).mean(), rel=1e-5)

@@ -17,7 +17,10 @@ from logitcache.student.methods import (
 
 
 def _sp64(fs, ft):
+    """The paper's loss, with the student side in the teacher's form: a map, or its spatial mean for an embedding."""
     b = len(fs)
+    if ft.ndim == 2:
+        fs = fs.mean(axis=(2, 3))
     gs, gt = fs.reshape(b, -1) @ fs.reshape(b, -1).T, ft.reshape(b, -1) @ ft.reshape(b, -1).T
     gs, gt = gs / np.linalg.norm(gs, axis=1, keepdims=True), gt / np.linalg.norm(gt, axis=1, keepdims=True)
     return ((gt - gs) ** 2).sum() / b**2

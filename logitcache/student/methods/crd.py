@@ -16,12 +16,21 @@ two directions:
 - teacher anchor vs the student memory: necessarily a momentum memory of the student head's
   outputs (`momentum` of the old entry, renormalised), updated after each batch.
 
-Memory entries carry no gradient, as in the paper. To bound memory, one set of negatives is
-drawn per batch (uniformly, with replacement, from torch's global RNG, which the trainer seeds
-per epoch) from the rows the run trains on (never a validation row: its cached embedding
-stays out of training) and shared by every anchor of the batch; it excludes every row of the batch, so
-no anchor meets its own positive among its negatives (nor its batch neighbours, a negligible
-difference from the paper's per-anchor draw when the batch is small against the data set).
+Memory entries carry no gradient, as in the paper. The negatives differ from the paper's in two
+ways. The paper's code draws, for each anchor, its own K negatives among the samples of the
+*other classes*, which needs every training row's label; here one set of negatives is drawn per
+batch, from rows of *any class*, and shared by every anchor of the batch:
+- any class, because a distillation run usually knows the labels of a few rows only
+  (`labeled_fraction`), and the cache's point is to learn from the unlabeled ones; a negative of
+  the anchor's own class is pushed away like any other, so the loss also separates samples of
+  one class (as instance discrimination does);
+- one set per batch, to bound memory: per-anchor sets cost batch × K × feat_dim floats a step
+  (256 MiB at batch 128, K = 4096, feat_dim 128), against K × feat_dim here.
+The set is drawn uniformly, with replacement, from torch's global RNG (which the trainer seeds
+per epoch), from the rows the run trains on (never a validation row: its cached embedding
+stays out of training), and excludes every row of the batch, so no anchor meets its own
+positive among its negatives (nor its batch neighbours, a negligible difference when the
+batch is small against the data set).
 Under torchrun each rank contrasts its own rows (the loss is per anchor, so DDP's average is
 the single-process loss); the memory updates and Z use the global batch, so every rank's
 memories stay identical. Memories and Z are buffers: saved in resume.pt with the learner.

@@ -2,7 +2,10 @@
 
 Each (student node, teacher layer) pair maps the student's feature through a learnable
 adapter (1x1 conv + BN for maps, resized to the teacher's side; linear for vectors) and
-compares it with the cached teacher map. The loss is the mean over pairs.
+compares it with the cached teacher map. The loss is the mean over pairs. The student's feature
+enters the adapter in float32, as every method takes its inputs: under CUDA autocast the
+adapter then runs in autocast's precision like the student, never on a half-precision copy
+of the feature mixed with float32 weights.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class FitNets(Method):
     def forward(self, student, teacher, batch, at):
         terms = {}
         for (s, t), adapter in zip(self.cfg.pairs, self.adapters):
-            terms[f"{s}->{t}"] = hint_distance(adapter(student.features[s]), teacher.features[TeacherInput(t, "map")],
+            terms[f"{s}->{t}"] = hint_distance(adapter(student.features[s].float()), teacher.features[TeacherInput(t, "map")],
                                                self.cfg.distance)
         loss = torch.stack(list(terms.values())).mean()
         return loss, {"hint": loss.detach(), **({k: v.detach() for k, v in terms.items()} if len(terms) > 1 else {})}

@@ -4,7 +4,9 @@ For each (student node, teacher layer) pair, the batch Gram matrices G = F F^T o
 flattened features, each row L2-normalised, are compared: ||G_t - G_s||_F^2 / b^2, summed
 over the pairs (as the paper and mdistiller). The teacher side is the cached `map` form by
 default (pooled to `dump.layers.pool` when the dump bounded it, which changes the Gram
-matrix from the full map's), or the globally pooled `embedding` form.
+matrix from the full map's), or the globally pooled `embedding` form; the student side takes
+the same form, so with `embedding` the student's map is globally average-pooled too (as RKD,
+PKT and CRD pool it) and both Gram matrices are of pooled vectors.
 
 Under torchrun the loss is computed on the global batch (see `_relations`), as one
 process would.
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from logitcache.core.features import embedding
 from logitcache.core.schedule import NonNegative
 from logitcache.student.methods import (
     Method,
@@ -56,9 +59,13 @@ class SP(Method):
     def needs(cls, cfg: SPConfig) -> Needs:
         return Needs(teacher=[TeacherInput(t, cfg.form) for _, t in cfg.pairs], student=[s for s, _ in cfg.pairs])
 
+    def student_side(self, feature: torch.Tensor) -> torch.Tensor:
+        """The student feature in the teacher's form: the map as it is, or pooled for `embedding`."""
+        return embedding(feature.float()) if self.cfg.form == "embedding" else feature
+
     def forward(self, student, teacher, batch, at):
         world = batch.world_size
-        terms = {f"{s}->{t}": similarity_loss(gather_batch(student.features[s], world),
+        terms = {f"{s}->{t}": similarity_loss(gather_batch(self.student_side(student.features[s]), world),
                                               gather_batch(teacher.features[TeacherInput(t, self.cfg.form)], world))
                  for s, t in self.cfg.pairs}
         loss = single_process_gradient(torch.stack(list(terms.values())).sum(), world)
