@@ -14,7 +14,9 @@ from logitcache.core.data import holdout
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewRenderer, ViewSpec
 from logitcache.student.methods import TeacherInput
-from logitcache.student.train import _batches, labeled_mask, plan_run, train_student
+from logitcache.student.plan import labeled_mask, plan_run
+from logitcache.student.sources import make_batches
+from logitcache.student.train import train_student
 from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
@@ -68,11 +70,12 @@ def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cac
     cfg = params.students["s"]
     plan = plan_run(params, cfg, "s")
     split = plan.train
-    dataset, sampler = _batches(cfg, plan)
-    dumped = ViewDataset(split, plan.cache["views"], ViewRenderer(ViewSpec(2, True)))
+    dataset, sampler = make_batches(cfg, plan)
+    dumped = ViewDataset(split, plan.cache.views, ViewRenderer(ViewSpec(2, True)))
     sampler.set_epoch(1)
     pairs = next(iter(sampler))
-    images, labels, labeled, rows, logits, features = dataset[pairs]
+    batch = dataset[pairs]
+    images, rows, logits, features = batch.images, batch.rows, batch.logits, batch.features
     assert rows.tolist() == [row for row, _ in pairs]
     assert len({v for _, v in pairs}) > 1
     with h5py.File(cache_dir / "train.h5") as f:
@@ -402,13 +405,13 @@ def test_ce_augmentation_draws_fresh_views_each_epoch_the_same_whatever_the_work
     params = student_params(data_cfg, cache_dir, tmp_path, loss={}, augment=aug, epochs=2)
     cfg = params.students["s"]
     plan = plan_run(params, cfg, "s")
-    dataset, sampler = _batches(cfg, plan)
+    dataset, sampler = make_batches(cfg, plan)
     epochs = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         pairs = next(iter(sampler))
         rows, views = pairs[:, 0], pairs[:, 1]
-        images = dataset[pairs][0]
+        images = dataset[pairs].images
         drawn = RandomViews(ViewSpec(2, True), cfg.seed)[rows, views]
         assert torch.equal(images, torch.stack([ViewRenderer(ViewSpec(2, True))(plan.train.images[r], p)
                                                 for r, p in zip(rows, drawn)]))
