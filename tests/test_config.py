@@ -29,7 +29,9 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("teacher.lr=-0.1", "invalid -S teacher.lr=-0.1: Input should be greater than 0, got -0.1"),
     ("teacher.epochs=-1", "teacher.epochs"),
     ("teacher.model=resnet21", "unknown model 'resnet21'"),
-    ("data.dataset=mnist3", "data.dataset"),
+    ("data.dataset=mnist3", "invalid -S data.dataset=mnist3: unknown data set 'mnist3'; choose one of fashion_mnist"),
+    ("students.s.label_smoothing=0.1", "invalid -S students.s.label_smoothing=0.1: students do not use "
+                                       "'label_smoothing' (a teacher setting); remove 'students.s.label_smoothing'"),
     ("teacher.augment.policy=[{name: NoSuchOp}]", "torchvision.transforms.v2"),
     ("teacher", "section.key=value"),
     ("dump.layers=[layer2, {name: layer2, forms: [attention]}]", "layer(s) layer2 listed twice"),
