@@ -52,14 +52,14 @@ def _deployment(path: Path) -> dict:
 
 def markdown(rows: dict[str, dict]) -> str:
     head = ("| model | arch | mode | test acc (%) | val acc (%) | checkpoint | agreement (%) | KL to teacher | params "
-            "| compression | latency (ms) | steps | train time (s) | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) "
+            "| compression | steps | train time (s) | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) "
             "| batch-1 ms: eager / ORT / ORT int8 |")
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 16]
     for name, r in rows.items():
         lines.append("| " + " | ".join([
             name, r["model"], r.get("mode", ""), _mean_std(r, "test_acc"), _mean_std(r, "val_acc"), _checkpoint(r),
             _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
-            f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
+            f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"),
             _num(r.get("steps"), ",.0f"), _num(r.get("train_seconds"), ".0f"), str(len(r.get("seeds", [])) or 1), _sizes(r),
             _num(None if r.get("int8_acc_drop") is None else 100 * r["int8_acc_drop"], ".2f"), _latencies(r)]) + " |")
     return "\n".join(lines) + "\n"
@@ -97,5 +97,9 @@ def _sizes(r: dict) -> str:
 
 
 def _latencies(r: dict) -> str:
+    """Each runtime's batch-1 latency, from the model's export (timed at length) or, for a model not exported, the
+    eager figure its run measured: one figure per runtime, never two of one."""
     keys = ("eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
-    return "–" if keys[0] not in r else " / ".join(f"{r[k]:.3f}" for k in keys)
+    if keys[0] not in r:
+        return "–" if r.get("latency_ms") is None else f"{r['latency_ms']:.3f} / – / –"
+    return " / ".join(f"{r[k]:.3f}" for k in keys)

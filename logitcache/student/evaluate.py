@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -15,13 +13,17 @@ from logitcache.core.config import DataConfig, validate
 from logitcache.core.data import Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
+from logitcache.core.speed import latency, torch_runtime
 from logitcache.core.training import place, score_split, select_device, topk_accuracy
 from logitcache.core.views import Normalizer
+
+LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap figure, export times it at length
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
                    confusion: Path | None = None, model_info: dict | None = None) -> dict:
-    """Accuracy, agreement and KL with the teacher (from the test cache), size and speed."""
+    """Accuracy, agreement and KL with the teacher (from the test cache), size and batch-1 latency (throughput and
+    other runtimes are `logitcache export`'s)."""
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
@@ -42,7 +44,8 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    metrics.update(_speed(model, test.images[:1].shape[1:], device, Normalizer(test.mean, test.std)))
+    image = Normalizer(test.mean, test.std)(test.images[:1]).numpy()[0]
+    metrics.update(latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS))
     return metrics
 
 
@@ -52,32 +55,6 @@ def _check_fits(info: dict, test: Split) -> None:
         raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
                               f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
                               f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")
-
-
-@torch.inference_mode()
-def _speed(model: nn.Module, shape, device: torch.device, prepare) -> dict:
-    """Latency at batch 1 (median ms/image) and throughput at batch 256 (images/s) on this device."""
-    model.eval()
-
-    def timed(batch: int, repeats: int) -> list[float]:
-        x = prepare(torch.zeros(batch, *shape, dtype=torch.uint8, device=device)).contiguous(
-            memory_format=torch.channels_last)
-        for _ in range(5):  # warm-up: allocator and kernel selection
-            model(x)
-        out = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-        return out
-
-    latency = statistics.median(timed(1, 30)) * 1000
-    throughput = 256 / statistics.median(timed(256, 5))
-    return {"latency_ms": latency, "throughput_img_s": throughput}
 
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str | None = None) -> dict:
