@@ -28,7 +28,7 @@ from logitcache.core.training import (
     seed_epoch,
     seed_everything,
     select_device,
-    train_epoch,
+    train_steps,
     validation_scorer,
 )
 from logitcache.student.batches import StepStream, StudentBatches
@@ -149,10 +149,9 @@ class Run:
         seed_epoch(cfg.seed, dist.rank, evaluation, self.loader.generator)
         self.stream.select(start, stop)
         self.stepper.step = start
-        stats = train_epoch(self.model, self.loader, self.stepper, self.optimizer, self.scheduler,
-                            epoch=evaluation + 1, desc=f"{self.job.label} {evaluation + 1}/{budget.evaluations}",
-                            dist=dist, bar=self.job.bar)
-        stats = {"round": evaluation + 1, "steps": stop, "epoch": stop / len(self.stream.passes), **stats}
+        stats = train_steps(self.model, self.loader, self.stepper, self.optimizer, self.scheduler, first_step=start,
+                            desc=f"{self.job.label} {evaluation + 1}/{budget.evaluations}", dist=dist, bar=self.job.bar)
+        stats = {"evaluation": evaluation + 1, "steps": stop, "epoch": stop / len(self.stream.passes), **stats}
         if dist.is_main:
             scored = self.selector.evaluate(evaluation + 1, stats)
             print(f"{self.job.label} step {stop:,}/{budget.total:,} (epoch {stats['epoch']:.2f}): loss "

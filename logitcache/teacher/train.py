@@ -1,7 +1,7 @@
 """Supervised teacher training: the expensive model that the cache is made from.
 
 `train_teacher` reads top to bottom: build the run (`TeacherRun.build`), train epoch by epoch
-(`TeacherRun.train_epoch`), then score the selected weights on the test split (`score_split`, as the
+(`TeacherRun.train_epoch`, one `train_steps` over the loader), then score the selected weights on the test split (`score_split`, as the
 students are scored) and write the outputs (`_write_outputs`).
 """
 
@@ -38,7 +38,7 @@ from logitcache.core.training import (
     seed_everything,
     select_device,
     to_input,
-    train_epoch,
+    train_steps,
     validation_scorer,
 )
 from logitcache.core.views import Normalizer, ViewSpec
@@ -124,8 +124,8 @@ class TeacherRun:
         seed_epoch(cfg.seed, dist.rank, epoch, self.loader.generator)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        stats = train_epoch(self.trained, self.loader, self.step, self.optimizer, self.scheduler, epoch=epoch + 1,
-                            desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
+        stats = train_steps(self.trained, self.loader, self.step, self.optimizer, self.scheduler,
+                            first_step=epoch * len(self.loader), desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
         stats["epoch"] = epoch + 1
         if dist.is_main:
             scored = self.selector.evaluate(epoch + 1, stats)
