@@ -36,7 +36,7 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("teacher", "section.key=value"),
     ("dump.layers=[layer2, {name: layer2, forms: [attention]}]", "layer(s) layer2 listed twice"),
     ("dump.layers=[{name: layer2, forms: []}]", "dump.layers.0.forms: List should have at least 1 item"),
-    ("dump.layers=[{name: layer2, forms: [gram]}]", "dump.layers.0.forms.0: Input should be 'map', 'attention' or"),
+    ("dump.layers=[{name: layer2, forms: [gram]}]", "dump.layers.0.forms.0: unknown stored form 'gram'; choose one of map, attention, embedding"),
     ("dump.layers=[{name: layer2, forms: [map, map]}]", "a form is listed twice"),
     ("dump.layers=[{name: layer2, pooling: 2}]", "unknown key 'dump.layers.0.pooling'"),
     ("dump.layers=[{name: layer2, p: 0}]", "dump.layers.0.p: Input should be greater than 0"),

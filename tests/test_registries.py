@@ -37,3 +37,38 @@ def test_a_data_set_registered_in_one_place_is_valid_config_and_trains_a_student
 
     metrics = train_student(params, "s")
     assert metrics["steps"] == 4 and (tmp_path / "student" / "student.pt").is_file()
+
+
+def test_a_stored_form_registered_in_one_place_is_dumped_read_and_verified(data_cfg, teacher_ckpt, tmp_path,
+                                                                          monkeypatch):
+    """A new form, the per-channel maximum of a map: config accepts it, the dump stores it, the reader lists it and
+    inspect --verify recomputes it; its rows equal the formula applied here to the teacher's own layer."""
+    import h5py
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from logitcache.cache.format import FORMS, StoredForm
+    from logitcache.cache.inspect import verify
+    from logitcache.cache.reader import Cache
+    from logitcache.core.io import load_model
+    from logitcache.core.views import Normalizer
+    from logitcache.teacher.dump import dump_teacher
+
+    layers = [{"name": "layer2", "forms": ["map", "channel_max"]}]
+    dump = {"teacher": str(teacher_ckpt), "out": str(tmp_path / "cache"), "views": 1, "layers": layers,
+            "workers": 0, "splits": ["train"]}
+    with pytest.raises(LogitcacheError, match="unknown stored form 'channel_max'"):
+        validate({"data": data_cfg.model_dump(), "dump": dump})
+    monkeypatch.setitem(FORMS, "channel_max", StoredForm("channel_max", (), lambda spec: {},
+                                                         lambda t, record: t.amax(dim=(2, 3))))
+    [path] = dump_teacher(validate({"data": data_cfg.model_dump(), "dump": dump}))
+    with Cache(path) as cache:
+        assert cache.stored[("layer2", "channel_max")] == (32,)
+    model, _ = load_model(teacher_ckpt)
+    train = load_split(data_cfg, "train")
+    with torch.no_grad():
+        layer2 = create_feature_extractor(model.eval(), {"layer2": "out"})(Normalizer(train.mean, train.std)(
+            train.images[:50]))["out"]
+    with h5py.File(path, "r") as f:
+        stored = torch.from_numpy(f["channel_max/layer2"][:50, 0])
+    assert torch.allclose(stored.float(), layer2.amax(dim=(2, 3)).half().float(), atol=2e-3, rtol=2e-3)
+    assert verify(path, teacher_ckpt, data_cfg, samples=16)["cosine"]["layer2:channel_max"] > 0.999

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import NonNegative
@@ -139,7 +139,16 @@ class TeacherConfig(TrainConfig):
                      "and, while a run is unfinished, resume.pt")
 
 
-Form = Literal["map", "attention", "embedding"]
+def _known_form(name: str) -> str:
+    from logitcache.cache.format import FORMS
+
+    if name not in FORMS:
+        raise ValueError(f"unknown stored form '{name}'; choose one of {', '.join(FORMS)} (the FORMS registry in "
+                         "logitcache/cache/format.py)")
+    return name
+
+
+Form = Annotated[str, AfterValidator(_known_form)]  # a name in logitcache.cache.format.FORMS
 
 
 class LayerSpec(Section):
@@ -158,7 +167,7 @@ class LayerSpec(Section):
     @classmethod
     def _distinct_forms(cls, forms: list[str]) -> list[str]:
         if len(set(forms)) != len(forms):
-            raise ValueError("a form is listed twice; list each of map, attention, embedding at most once")
+            raise ValueError("a form is listed twice; list each form at most once")
         return forms
 
 

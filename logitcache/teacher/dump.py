@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from logitcache import __version__
-from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
+from logitcache.cache.format import (FLOAT16_MAX, FORMAT_NAME, FORMS, SCHEMA_VERSION, form_dataset, read_blocks,
+                                     stored_forms)
 from logitcache.core import interrupt
 from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
@@ -217,9 +218,8 @@ def _layer_records(taker: FeatureTaker, specs: list[LayerSpec], split: Split, pr
     out = taker(prepare(split.images[:2].to(device)))
     records = []
     for spec in specs:
-        settings = {"map": {"pooled_to": spec.pool or None}, "attention": {"p": spec.p}, "embedding": {}}
         record = {"name": spec.name, "activation": activation_side(taker.net, spec.name),
-                  "forms": {form: settings[form] for form in spec.forms}}
+                  "forms": {form: FORMS[form].settings(spec) for form in spec.forms}}
         for form, info in record["forms"].items():
             info["shape"] = list(stored_form(out[spec.name].float(), form, record).shape[1:])
         records.append(record)
