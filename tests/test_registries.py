@@ -72,3 +72,48 @@ def test_a_stored_form_registered_in_one_place_is_dumped_read_and_verified(data_
         stored = torch.from_numpy(f["channel_max/layer2"][:50, 0])
     assert torch.allclose(stored.float(), layer2.amax(dim=(2, 3)).half().float(), atol=2e-3, rtol=2e-3)
     assert verify(path, teacher_ckpt, data_cfg, samples=16)["cosine"]["layer2:channel_max"] > 0.999
+
+
+def _traced(job):
+    """A runtime made in the test: the model traced to TorchScript, saved in the export folder and loaded back."""
+    path = job.folder / "model.ts"
+    torch.jit.save(torch.jit.trace(job.model.eval(), job.example), str(path))
+    from logitcache.core.speed import torch_runtime
+
+    return torch_runtime(torch.jit.load(str(path)))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TorchScript: deprecated, a runtime only this test makes
+def test_a_runtime_registered_in_one_place_is_exported_checked_timed_and_shown(data_cfg, cache_dir, tmp_path,
+                                                                              monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
+    from logitcache.deploy.export import export_checkpoint
+    from logitcache.student.train import train_student
+    from logitcache.summary import summarize
+
+    monkeypatch.setitem(RUNTIMES, "torchscript", RuntimeSpec("TorchScript trace", "ts", "model.ts", _traced, "exact"))
+    params = validate({"data": data_cfg.model_dump(), "teacher": {"out": str(tmp_path / "s")},
+                       "students": {"s": {"model": "cnn_tiny", "steps": 4, "batch_size": 32, "workers": 0,
+                                          "caches": [str(cache_dir / "train.h5")],
+                                          "test_cache": str(cache_dir / "test.h5"), "out": str(tmp_path / "s")}},
+                       "export": {"out": str(tmp_path / "deploy"), "calibration_images": 32, "latency_runs": 3,
+                                  "warmup_runs": 1, "throughput_runs": 1,
+                                  "calibration_cache": str(cache_dir / "train.h5")}})
+    train_student(params, "s")
+    metrics = export_checkpoint(params, tmp_path / "s" / "student.pt", "s")
+    traced = metrics["torchscript"]
+    assert traced["bytes"] == (tmp_path / "deploy" / "s" / "model.ts").stat().st_size > 0
+    assert traced["max_abs_logit_diff"] <= 1e-4 and traced["test_acc"] == metrics["pytorch"]["test_acc"]
+    assert traced["latency_ms"] > 0 and traced["throughput_img_s"] > 0
+    table = (summarize(params, tmp_path / "summary"), (tmp_path / "summary" / "summary.md").read_text())[1]
+    assert "batch-1 ms: eager / onnx / int8 / ts |" in table and f"{traced['latency_ms']:.3f} |" in table
+    spec = importlib.util.spec_from_file_location("deployment", Path(__file__).parents[1] / "benchmarks/deployment.py")
+    deployment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deployment)
+    saved = json.loads((tmp_path / "deploy" / "s" / "metrics.json").read_text())
+    assert any("| TorchScript trace | `model.ts` |" in line for line in deployment.runtime_table({"s": saved}))
