@@ -46,7 +46,7 @@ def test_a_stored_form_registered_in_one_place_is_dumped_read_and_verified(data_
     import h5py
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from logitcache.cache.format import FORMS, StoredForm
+    from logitcache.core.forms import FORMS, StoredForm
     from logitcache.cache.inspect import verify
     from logitcache.cache.reader import Cache
     from logitcache.core.io import load_model

@@ -7,14 +7,13 @@ pickle; arrays are chunked along the sample axis and fletcher32-checksummed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import h5py
 
 from logitcache import __version__
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.forms import FORMS
 
 FORMAT_NAME = "logitcache"
 SCHEMA_VERSION = 2
@@ -28,43 +27,6 @@ ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channe
              "transform": ("normalize.mean", "normalize.std", "augment"),
              "views": ("count", "mode", "seed", "eval_view"), "dtypes": ("logits",)}
 FLOAT16_MAX = 65504.0
-
-
-@dataclass(frozen=True)
-class StoredForm:
-    """One form a teacher layer can be stored in: where it lives in the file, what its metadata record holds, and how
-    it is computed from the layer's output (by the dump, and again by --online and inspect --verify)."""
-
-    group: str  # HDF5 group of its arrays: <group>/<layer>
-    keys: tuple[str, ...]  # the settings its record keeps besides "shape"
-    settings: Callable[[Any], dict]  # the dump's LayerSpec -> those settings
-    compute: Callable[[Any, dict], Any]  # (the layer's float output, its record) -> the stored value, before float16
-
-
-def _map(t, record: dict):
-    from logitcache.core.features import pool_feature
-
-    return pool_feature(t, record["pooled_to"] or 0)
-
-
-def _attention(t, record: dict):
-    from logitcache.core.features import attention_map
-
-    return attention_map(t, record["p"])
-
-
-def _embedding(t, record: dict):
-    from logitcache.core.features import embedding
-
-    return embedding(t)
-
-
-# The stored forms: config validation, the dump, the reader, the methods' needs and --online all read this table.
-FORMS: dict[str, StoredForm] = {
-    "map": StoredForm("features", ("pooled_to",), lambda spec: {"pooled_to": spec.pool or None}, _map),
-    "attention": StoredForm("attention", ("p",), lambda spec: {"p": spec.p}, _attention),
-    "embedding": StoredForm("embedding", (), lambda spec: {}, _embedding),
-}
 
 
 def form_dataset(layer: str, form: str) -> str:

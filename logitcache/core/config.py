@@ -140,15 +140,15 @@ class TeacherConfig(TrainConfig):
 
 
 def _known_form(name: str) -> str:
-    from logitcache.cache.format import FORMS
+    from logitcache.core.forms import FORMS
 
     if name not in FORMS:
         raise ValueError(f"unknown stored form '{name}'; choose one of {', '.join(FORMS)} (the FORMS registry in "
-                         "logitcache/cache/format.py)")
+                         "logitcache/core/forms.py)")
     return name
 
 
-Form = Annotated[str, AfterValidator(_known_form)]  # a name in logitcache.cache.format.FORMS
+Form = Annotated[str, AfterValidator(_known_form)]  # a name in logitcache.core.forms.FORMS
 
 
 class LayerSpec(Section):

@@ -14,14 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from logitcache import __version__
-from logitcache.cache.format import (FLOAT16_MAX, FORMAT_NAME, FORMS, SCHEMA_VERSION, form_dataset, read_blocks,
-                                     stored_forms)
+from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
 from logitcache.core import interrupt
 from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
+from logitcache.core.forms import FORMS
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (

@@ -31,7 +31,7 @@ from logitcache.core.schedule import NonNegative, Progress
 
 @dataclass(frozen=True)
 class TeacherInput:
-    """A cached teacher layer in one stored form (see `dump.layers` and `logitcache.cache.format.FORMS`)."""
+    """A cached teacher layer in one stored form (see `dump.layers` and `logitcache.core.forms.FORMS`)."""
 
     layer: str
     form: Form = "map"
