@@ -175,7 +175,7 @@ def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> 
 
     info = describe(cache)
     if verify:
-        info["verify"] = verify_cache(cache, teacher_path or params.dump.teacher, params.data, samples, atol=atol)
+        info["verify"] = verify_cache(cache, teacher_path or params.dump.teacher, params.data, samples=samples, atol=atol)
     click.echo(json.dumps(info, indent=2) if as_json else _format_summary(info))
 
 

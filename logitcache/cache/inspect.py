@@ -66,7 +66,7 @@ def _json(value):
         return value.item() if hasattr(value, "item") else value
 
 
-def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples: int = 64, seed: int = 0,
+def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samples: int = 64, seed: int = 0,
            atol: float = 0.05, min_cosine: float = 0.999) -> dict:
     """Check every chunk's checksum, then recompute random (sample, view) rows with the teacher and compare
     the logits and every stored form of every layer (through `stored_form`); raises on damage or beyond tolerance."""
