@@ -17,9 +17,9 @@ import platform
 import re
 from pathlib import Path
 
+from logitcache.core.runtimes import RUNTIMES
+
 START, END = "<!-- deployment table -->", "<!-- end deployment table -->"
-RUNTIMES = [("pytorch", "PyTorch eager"), ("pt2", "torch.export"), ("onnx_fp32", "ONNX Runtime fp32"),
-            ("onnx_int8", "ONNX Runtime int8")]
 
 
 def cpu_name() -> str:
@@ -32,8 +32,8 @@ def runtime_table(models: dict[str, dict]) -> list[str]:
     lines = ["| model | arch | params | runtime | file | size (KiB) | test acc (%) | batch 1 median / p90 (ms) "
              "| batch 256 (img/s) |", "|" + "---|" * 9]
     for name, m in models.items():
-        for key, label in RUNTIMES:
-            r = m[key]
+        for key, spec in RUNTIMES.items():
+            r, label = m[key], spec.label
             speed = (f"{r['latency_ms']:.3f} / {r['latency_p90_ms']:.3f} | {r['throughput_img_s']:,.0f}"
                      if "latency_ms" in r else "– | –")
             lines.append(f"| {name} | {m['model']} | {m['params']:,} | {label} | `{r['file']}` | {r['bytes'] / 1024:.1f} "

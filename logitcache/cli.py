@@ -175,7 +175,7 @@ def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> 
 
     info = describe(cache)
     if verify:
-        info["verify"] = verify_cache(cache, teacher_path or params.dump.teacher, params.data, samples, atol=atol)
+        info["verify"] = verify_cache(cache, teacher_path or params.dump.teacher, params.data, samples=samples, atol=atol)
     click.echo(json.dumps(info, indent=2) if as_json else _format_summary(info))
 
 
@@ -363,18 +363,21 @@ def export_cmd(params, checkpoint, name) -> None:
       logitcache export data/students/kd/runs/seed0/student.pt --name kd
       logitcache export data/teacher/teacher.pt --name teacher --threads 1
     """
+    from logitcache.core.runtimes import RUNTIMES
     from logitcache.deploy.export import export_checkpoint
 
     m = export_checkpoint(params, checkpoint, name)
     click.echo(f"{m['model']}, {m['params']:,} parameters, {m['threads']} thread(s), {m['test_images']} test images")
-    for key in ("pytorch", "pt2", "onnx_fp32", "onnx_int8"):
+    for key in RUNTIMES:
         r = m[key]
         diff = f", max |Δlogit| {r['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in r else ""
         speed = (f", {r['latency_ms']:.3f} ms (p90 {r['latency_p90_ms']:.3f}) at batch 1, "
                  f"{r['throughput_img_s']:,.0f} img/s at 256" if "latency_ms" in r else "")
         click.echo(f"  {key:<10} {r['file']:<16} {r['bytes'] / 1024:8.1f} KiB  acc {100 * r['test_acc']:.2f} %{diff}{speed}")
-    click.echo(f"int8 ({m['int8_method']}): accuracy drop {100 * m['onnx_int8']['acc_drop']:.2f} points "
-               f"-> {Path(params.export.out) / name}")
+    for key, spec in RUNTIMES.items():
+        if spec.check == "compared":
+            click.echo(f"{spec.label}: accuracy drop {100 * m[key]['acc_drop']:.2f} points")
+    click.echo(f"int8 method: {m['int8_method']} -> {Path(params.export.out) / name}")
 
 
 @main.command("prune")

@@ -8,10 +8,11 @@ from pathlib import Path
 from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import check_output_folder, write_json
+from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
 
 COLUMNS = ("test_acc", "val_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "steps",
            "train_seconds",
-           "onnx_bytes", "int8_bytes", "int8_acc_drop", "eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
+           *(f"{spec.short}_{name}" for spec in RUNTIMES.values() for name in ("bytes", "acc_drop", "latency_ms")))
 
 
 def summarize(params: Params, out: str | Path = "data/summary") -> dict:
@@ -41,27 +42,36 @@ def _read(folder: Path) -> dict:
 
 
 def _deployment(path: Path) -> dict:
-    """Size on disk and latency per runtime of a model's export, when it has one."""
+    """Size on disk, accuracy drop and batch-1 latency per runtime of a model's export (`<short>_bytes`,
+    `<short>_acc_drop`, `<short>_latency_ms`), when it has one."""
     if not path.is_file():
         return {}
     m = json.loads(path.read_text())
-    return {"onnx_bytes": m["onnx_fp32"]["bytes"], "int8_bytes": m["onnx_int8"]["bytes"],
-            "int8_acc_drop": m["onnx_int8"]["acc_drop"], "eager_latency_ms": m["pytorch"]["latency_ms"],
-            "onnx_latency_ms": m["onnx_fp32"]["latency_ms"], "int8_latency_ms": m["onnx_int8"]["latency_ms"]}
+    out = {}
+    for key, spec in RUNTIMES.items():
+        r = m.get(key, {})
+        out.update({f"{spec.short}_{name}": r[name] for name in ("bytes", "acc_drop", "latency_ms") if name in r})
+    return out
+
+
+def _exported(kind: str) -> list[RuntimeSpec]:
+    """The runtimes the summary shows: those with a file of their own (sizes), or those timed (latencies)."""
+    return [spec for spec in RUNTIMES.values() if (spec.file if kind == "sizes" else spec.timed)]
 
 
 def markdown(rows: dict[str, dict]) -> str:
     head = ("| model | arch | mode | test acc (%) | val acc (%) | checkpoint | agreement (%) | KL to teacher | params "
-            "| compression | latency (ms) | steps | train time (s) | seeds | ONNX / int8 (KiB) | int8 acc drop (pts) "
-            "| batch-1 ms: eager / ORT / ORT int8 |")
-    lines = [head, "|" + "---|" * 17]
+            f"| compression | steps | train time (s) | seeds | {' / '.join(s.short for s in _exported('sizes'))} (KiB) "
+            f"| {' / '.join(s.short for s in RUNTIMES.values() if s.check == 'compared')} acc drop (pts) "
+            f"| batch-1 ms: {' / '.join(s.short for s in _exported('latencies'))} |")
+    lines = [head, "|" + "---|" * 16]
     for name, r in rows.items():
         lines.append("| " + " | ".join([
             name, r["model"], r.get("mode", ""), _mean_std(r, "test_acc"), _mean_std(r, "val_acc"), _checkpoint(r),
             _pct(r.get("agreement")), _num(r.get("kl_to_teacher"), ".4f"),
-            f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"), _num(r.get("latency_ms"), ".2f"),
+            f"{int(r.get('params', 0)):,}", _num(r.get("compression"), ".1f", "×"),
             _num(r.get("steps"), ",.0f"), _num(r.get("train_seconds"), ".0f"), str(len(r.get("seeds", [])) or 1), _sizes(r),
-            _num(None if r.get("int8_acc_drop") is None else 100 * r["int8_acc_drop"], ".2f"), _latencies(r)]) + " |")
+            _drops(r), _latencies(r)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,9 +103,19 @@ def _num(value, fmt: str, suffix: str = "") -> str:
 
 
 def _sizes(r: dict) -> str:
-    return "–" if "onnx_bytes" not in r else f"{r['onnx_bytes'] / 1024:.1f} / {r['int8_bytes'] / 1024:.1f}"
+    keys = [f"{spec.short}_bytes" for spec in _exported("sizes")]
+    return "–" if not any(k in r for k in keys) else " / ".join(f"{r[k] / 1024:.1f}" if k in r else "–" for k in keys)
+
+
+def _drops(r: dict) -> str:
+    keys = [f"{spec.short}_acc_drop" for spec in RUNTIMES.values() if spec.check == "compared"]
+    return " / ".join("–" if r.get(k) is None else f"{100 * r[k]:.2f}" for k in keys)
 
 
 def _latencies(r: dict) -> str:
-    keys = ("eager_latency_ms", "onnx_latency_ms", "int8_latency_ms")
-    return "–" if keys[0] not in r else " / ".join(f"{r[k]:.3f}" for k in keys)
+    """Each runtime's batch-1 latency, from the model's export (timed at length) or, for a model not exported, the
+    eager figure its run measured: one figure per runtime, never two of one."""
+    keys = [f"{spec.short}_latency_ms" for spec in _exported("latencies")]
+    if keys[0] not in r:
+        return "–" if r.get("latency_ms") is None else " / ".join([f"{r['latency_ms']:.3f}", *["–"] * (len(keys) - 1)])
+    return " / ".join(f"{r[k]:.3f}" if k in r else "–" for k in keys)

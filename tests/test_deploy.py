@@ -82,7 +82,7 @@ def test_export_beyond_tolerance_fails_and_writes_nothing(data_cfg, cache_dir, s
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(_params(data_cfg, cache_dir, tmp_path).model_dump(mode="json")))
     result = CliRunner().invoke(main, ["export", str(student_ckpt), "--params", str(params), "--atol", "1e-30"])
-    assert result.exit_code == 2 and result.output.startswith("error: cnn_tiny ONNX export differs from PyTorch")
+    assert result.exit_code == 2 and result.output.startswith("error: cnn_tiny ONNX Runtime fp32 export differs from PyTorch")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "deploy").exists() or not any((tmp_path / "deploy").iterdir())
 
@@ -170,7 +170,8 @@ def test_init_of_another_model_is_refused(data_cfg, cache_dir, teacher_ckpt, tmp
 def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path):
     from logitcache.summary import summarize
 
-    for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754}, "k": {"test_acc": 0.8, "params": 9640}}.items():
+    for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754, "latency_ms": 0.5},
+                            "k": {"test_acc": 0.8, "params": 9640, "latency_ms": 0.28}}.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "deploy" / "kd").mkdir(parents=True)
@@ -182,4 +183,5 @@ def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path)
     flat = summarize(params, tmp_path / "summary")
     assert flat["kd"]["onnx_bytes"] == 40960 and flat["kd"]["int8_latency_ms"] == 0.08 and "onnx_bytes" not in flat["teacher"]
     table = (tmp_path / "summary" / "summary.md").read_text()
-    assert "| 40.0 / 20.0 | 0.30 | 0.300 / 0.100 / 0.080 |" in table
+    assert "| – / 40.0 / 20.0 | 0.30 | 0.300 / 0.100 / 0.080 |" in table  # the export's figures, not the run's 0.28
+    assert "0.28" not in table and "| – | – | 0.500 / – / – |" in table  # a model not exported: its run's latency

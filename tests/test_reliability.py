@@ -348,7 +348,7 @@ BAD_ARGS = [
      "dump.topk=10 must be below the class count 10"),
     (["dump-teacher", "{data}", "--teacher", "{teacher}", "--out", "{out}", "--layers", "layer9"],
      "unknown layer(s) layer9; valid names: "),
-    (["prepare-data", "-S", "data.dataset=mnist3"], "invalid -S data.dataset=mnist3: Input should be 'fashion_mnist'"),
+    (["prepare-data", "-S", "data.dataset=mnist3"], "invalid -S data.dataset=mnist3: unknown data set 'mnist3'; choose one of fashion_mnist, "),
     (["prepare-data", "--source", "missing-dir", "--root", "{out}"], "data source missing-dir does not exist"),
     (["prepare-data", "--root", "{file}"], "invalid --root (data.root): is a file, not a folder"),
     (["prepare-data", "--params", "{dir}"], "params file {dir} is a directory"),

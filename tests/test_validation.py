@@ -186,10 +186,10 @@ def test_equal_budgets_give_equal_steps_whatever_the_rows(data_cfg, cache_dir, t
 
 def test_a_student_budget_resumes_at_the_evaluation_it_stopped_after(data_cfg, cache_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    import logitcache.student.train as student_train
+    import logitcache.student.run as student_train
 
     params = student_params(data_cfg, cache_dir, tmp_path, steps=30, evaluations=3)
-    calls, fit = [], student_train.train_epoch
+    calls, fit = [], student_train.train_steps
 
     def stop_after_two(*args, **kwargs):
         if len(calls) == 2:
@@ -197,10 +197,10 @@ def test_a_student_budget_resumes_at_the_evaluation_it_stopped_after(data_cfg, c
         calls.append(1)
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(student_train, "train_epoch", stop_after_two)
+    monkeypatch.setattr(student_train, "train_steps", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         train_student(params, "s")
-    monkeypatch.setattr(student_train, "train_epoch", fit)
+    monkeypatch.setattr(student_train, "train_steps", fit)
     resumed = train_student(params, "s", resume=True)
     assert f"{tmp_path / 'student' / 'resume.pt'}: resuming at evaluation 3 of 3" in capsys.readouterr().out
     whole = train_student(student_params(data_cfg, cache_dir, tmp_path / "whole", steps=30, evaluations=3), "s")

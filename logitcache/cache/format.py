@@ -13,6 +13,7 @@ import h5py
 
 from logitcache import __version__
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.forms import FORMS
 
 FORMAT_NAME = "logitcache"
 SCHEMA_VERSION = 2
@@ -25,16 +26,12 @@ ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channe
              "dataset": ("name", "split", "count", "fingerprint"),
              "transform": ("normalize.mean", "normalize.std", "augment"),
              "views": ("count", "mode", "seed", "eval_view"), "dtypes": ("logits",)}
-FORM_KEYS = {"map": ("shape", "pooled_to"), "attention": ("shape", "p"), "embedding": ("shape",)}
 FLOAT16_MAX = 65504.0
-
-
-FORM_GROUPS = {"map": "features", "attention": "attention", "embedding": "embedding"}  # form -> HDF5 group
 
 
 def form_dataset(layer: str, form: str) -> str:
     """Where a teacher layer's stored form lives in the file, e.g. features/layer2 or attention/layer2."""
-    return f"{FORM_GROUPS[form]}/{layer}"
+    return f"{FORMS[form].group}/{layer}"
 
 
 def stored_forms(meta: dict) -> dict[tuple[str, str], tuple[int, ...]]:
@@ -97,7 +94,7 @@ def _is_layer_record(layer) -> bool:
         return False
     forms = layer["forms"]
     return isinstance(forms, dict) and bool(forms) and all(
-        form in FORM_KEYS and isinstance(info, dict) and set(FORM_KEYS[form]) <= info.keys()
+        form in FORMS and isinstance(info, dict) and {"shape", *FORMS[form].keys} <= info.keys()
         and isinstance(info["shape"], list) for form, info in forms.items())
 
 

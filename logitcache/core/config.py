@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import NonNegative
 
 DEFAULT_PARAMS = "params.yaml"
-DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"]
 
 
 class Section(BaseModel):
@@ -34,6 +33,15 @@ def _known_model(name: str) -> str:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown model '{name}'{hint}; `logitcache models` lists them")
+    return name
+
+
+def _known_dataset(name: str) -> str:
+    from logitcache.core.data import DATASETS
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)} (the DATASETS registry in "
+                         "logitcache/core/data.py)")
     return name
 
 
@@ -76,8 +84,8 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     """The data set: where its raw files are and where prepare-data writes the arrays every stage reads."""
 
-    dataset: DatasetName = Field("fashion_mnist", description="which data set; imagefolder reads "
-                                 "<source>/{train,test}/<class>/<image>")
+    dataset: str = Field("fashion_mnist", description="which data set, by its name in the DATASETS registry of "
+                         "logitcache/core/data.py; imagefolder reads <source>/{train,test}/<class>/<image>")
     source: str | None = Field(None, description="folder of the raw files; null = the data set's "
                                              "default (Debian's /usr/share/datasets/fashion-mnist for fashion_mnist)")
     root: str = Field("data/prepared", description="prepare-data writes <root>/<dataset>/; "
@@ -92,6 +100,7 @@ class DataConfig(Section):
                             "(then only select: last)")
     validation_seed: int = Field(0, ge=0, description="seed of which training rows are held out")
 
+    _check_dataset = field_validator("dataset")(_known_dataset)
     _check_root = field_validator("root")(_folder)
 
 
@@ -106,8 +115,6 @@ class TrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="learning-rate schedule over "
                                                                 "every step of the run")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the teacher's cross-entropy "
-                                   "(students do not use it)")
     augment: AugmentConfig = Field(AugmentConfig(), description="random augmentation of the training images")
     select: Literal["best", "last"] = Field("best", description="the weights reported and saved: those of the "
                                             "evaluation with the best validation accuracy, or the last; the test "
@@ -127,11 +134,21 @@ class TeacherConfig(TrainConfig):
     model: str = Field("resnet8", description="teacher architecture (logitcache models lists them)")
     epochs: int = Field(15, ge=1, description="passes over the training rows (the training split less the validation "
                         "rows)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     out: str = Field("data/teacher", description="folder of teacher.pt, metrics.json, history.json, config.json "
                      "and, while a run is unfinished, resume.pt")
 
 
-Form = Literal["map", "attention", "embedding"]
+def _known_form(name: str) -> str:
+    from logitcache.core.forms import FORMS
+
+    if name not in FORMS:
+        raise ValueError(f"unknown stored form '{name}'; choose one of {', '.join(FORMS)} (the FORMS registry in "
+                         "logitcache/core/forms.py)")
+    return name
+
+
+Form = Annotated[str, AfterValidator(_known_form)]  # a name in logitcache.core.forms.FORMS
 
 
 class LayerSpec(Section):
@@ -150,7 +167,7 @@ class LayerSpec(Section):
     @classmethod
     def _distinct_forms(cls, forms: list[str]) -> list[str]:
         if len(set(forms)) != len(forms):
-            raise ValueError("a form is listed twice; list each of map, attention, embedding at most once")
+            raise ValueError("a form is listed twice; list each form at most once")
         return forms
 
 
@@ -408,6 +425,9 @@ def _one_line(error: ValidationError) -> tuple[str, str]:
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
+        parts = [str(p) for p in first["loc"]]
+        if len(parts) == 3 and parts[0] == "students" and parts[2] in TeacherConfig.model_fields:
+            return loc, f"students do not use '{parts[2]}' (a teacher setting); remove '{loc}'"
         return loc, f"unknown key '{loc}'; check its spelling against docs/params.md"
     msg = first["msg"].removeprefix("Value error, ")
     if not loc:  # a check across sections names its keys itself

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.forms import FORMS
 from logitcache.core.io import load_model
 from logitcache.core.models import feature_nodes
 
@@ -87,18 +88,11 @@ def embedding(t: torch.Tensor) -> torch.Tensor:
 
 
 def stored_form(t: torch.Tensor, form: str, layer: dict) -> torch.Tensor:
-    """A layer's output in one stored form, rounded to float16 as the cache holds it.
+    """A layer's output in one stored form (`logitcache.core.forms.FORMS`), rounded to float16 as the cache holds it.
 
-    `layer` is the layer's record in the cache metadata: `forms.map.pooled_to` (null keeps the map whole) and
-    `forms.attention.p`. The dump writes exactly this, and `--online` and `inspect --verify` recompute it.
+    `layer` is the layer's record in the cache metadata (`forms.<form>` holds the form's settings, e.g. `pooled_to`
+    of map, `p` of attention). The dump writes exactly this, and `--online` and `inspect --verify` recompute it.
     """
-    forms = layer["forms"]
-    if form == "map":
-        out = pool_feature(t, forms["map"]["pooled_to"] or 0)
-    elif form == "attention":
-        out = attention_map(t, forms["attention"]["p"])
-    elif form == "embedding":
-        out = embedding(t)
-    else:
-        raise LogitcacheError(f"unknown stored form {form!r}; use map, attention or embedding")
-    return out.half()
+    if form not in FORMS:
+        raise LogitcacheError(f"unknown stored form {form!r}; use one of {', '.join(FORMS)}")
+    return FORMS[form].compute(t, layer["forms"][form]).half()

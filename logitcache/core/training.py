@@ -6,8 +6,9 @@ import contextlib
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -111,17 +112,29 @@ def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, total: 
     return optimizer, scheduler
 
 
-StepFn = Callable[[tuple], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+@dataclass
+class StepOut:
+    """What one training step's forward returns: the loss to minimise, the batch's logits and labels (for the
+    running accuracy) and, optionally, the named loss terms whose per-sample means the curves record."""
+
+    loss: torch.Tensor  # scalar
+    logits: torch.Tensor  # (B, classes)
+    labels: torch.Tensor  # (B,) int64
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+StepFn = Callable[[Any], StepOut]  # a loader batch -> its forward
 SYNC_EVERY = 25  # steps between host syncs (finiteness check, progress bar): no per-step GPU stall
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, scheduler, *, epoch: int,
+def train_steps(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, scheduler, *, first_step: int,
                 desc: str, modules: Iterable[nn.Module] = (), dist: Dist = Dist.single(), bar: bool = True) -> dict:
-    """One pass over the loader; `step(batch)` returns (loss, logits, labels) and optionally a dict of named
-    loss terms, whose per-sample means over the epoch are returned as `loss/<name>`.
+    """One optimizer step per batch of the loader (the teacher's: an epoch; a student's: the steps up to its next
+    evaluation). `step(batch)` returns a `StepOut`, whose named loss terms' per-sample means over these steps are
+    returned as `loss/<name>`; `first_step` is the run's number of steps done before them.
 
-    A non-finite loss stops the run naming the epoch and the first bad step, before any
-    checkpoint of a NaN model can be written. Loss and accuracy are summed over all ranks.
+    A non-finite loss stops the run naming the run's first bad step, before any checkpoint
+    of a NaN model can be written. Loss and accuracy are summed over all ranks.
     """
     model.train()
     for m in modules:
@@ -136,7 +149,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     with bar:  # closed, its line cleared, however the epoch ends: an interrupt's message starts a clean line
         for i, batch in enumerate(bar):
             interrupt.check()
-            loss, logits, labels, *rest = step(batch)
+            out = step(batch)
+            loss, logits, labels = out.loss, out.logits, out.labels
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,10 +160,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
             with torch.no_grad():
                 first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
                 totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
-                for name, value in (rest[0] if rest else {}).items():
+                for name, value in out.terms.items():
                     term_sums[name] = term_sums.get(name, 0) + torch.as_tensor(value, device=device).double() * n
             if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
-                _stop_if_non_finite(int(first_bad), epoch, desc, dist)
+                _stop_if_non_finite(int(first_bad), first_step, desc, dist)
                 loss_sum, correct = totals.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
@@ -161,13 +175,14 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
             **{f"loss/{name}": value / seen for name, value in zip(names, term_values)}}
 
 
-def _stop_if_non_finite(first_bad: int, epoch: int, desc: str, dist: Dist) -> None:
-    """Every rank checks at the same step, so under DDP all stop together instead of one waiting for the others."""
+def _stop_if_non_finite(first_bad: int, first_step: int, desc: str, dist: Dist) -> None:
+    """Every rank checks at the same step, so under DDP all stop together instead of one waiting for the others.
+    Steps are counted from 1 over the whole run, as the progress lines count them."""
     if dist.sum([float(first_bad >= 0)])[0] == 0:
         return
-    where = f"step {first_bad}" if first_bad >= 0 else "a step of another rank"
-    raise LogitcacheError(f"{desc}: loss became non-finite at epoch {epoch}, {where}; nothing was saved for this "
-                          "epoch; lower the learning rate or check the inputs and cached targets")
+    where = f"step {first_step + first_bad + 1:,}" if first_bad >= 0 else f"a step after {first_step:,} on another rank"
+    raise LogitcacheError(f"{desc}: loss became non-finite at {where}; nothing was saved since step {first_step:,} "
+                          "(the last checkpoint); lower the learning rate or check the inputs and cached targets")
 
 
 @torch.inference_mode()
@@ -181,6 +196,24 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, prepare:
         outputs.append(logits.float().cpu())
         targets.append(labels)
     return torch.cat(outputs), torch.cat(targets)
+
+
+@dataclass
+class Scored:
+    """A model's float32 logits on a split, with the split's labels, in split order."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    def accuracy(self) -> dict:
+        return {"test_acc": topk_accuracy(self.logits, self.labels, 1),
+                "test_top5": topk_accuracy(self.logits, self.labels, 5)}
+
+
+def score_split(model: nn.Module, split: Split, device: torch.device) -> Scored:
+    """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split."""
+    loader = make_loader(IndexedDataset(split, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
+    return Scored(*predict(model, loader, device, Normalizer(split.mean, split.std)))
 
 
 def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device) -> Callable[[], dict]:
@@ -204,27 +237,27 @@ class Selector:
 
     def __init__(self, module: nn.Module, mode: str, score: Callable[[], dict] = dict):
         self.module, self.mode, self.score = module, mode, score
-        self.chosen: dict = {}  # round, val_acc and, for "best", a copy of the weights
+        self.chosen: dict = {}  # evaluation, val_acc and, for "best", a copy of the weights
 
-    def evaluate(self, round: int, stats: dict) -> str:
-        """After an epoch or evaluation round: its validation scores into `stats`, the weights kept if chosen;
-        the scores as text for the log."""
+    def evaluate(self, evaluation: int, stats: dict) -> str:
+        """After evaluation number `evaluation` (from 1; the teacher's: after each epoch): its validation scores into
+        `stats`, the weights kept if chosen; the scores as text for the log."""
         stats.update(self.score())
-        self.update(round, stats)
+        self.update(evaluation, stats)
         return f"val acc {stats['val_acc']:.4f}" if "val_acc" in stats else "no validation split"
 
-    def update(self, round: int, scores: dict) -> None:
+    def update(self, evaluation: int, scores: dict) -> None:
         if self.mode == "last":
-            self.chosen = {"round": round, "val_acc": scores.get("val_acc")}
+            self.chosen = {"evaluation": evaluation, "val_acc": scores.get("val_acc")}
         elif not self.chosen or scores["val_acc"] > self.chosen["val_acc"]:
             state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-            self.chosen = {"round": round, "val_acc": scores["val_acc"], "state": state}
+            self.chosen = {"evaluation": evaluation, "val_acc": scores["val_acc"], "state": state}
 
     def restore(self) -> dict:
         """Load the chosen weights into the module; return which evaluation they come from and its score."""
         if "state" in self.chosen:
             self.module.load_state_dict(self.chosen["state"])
-        return {"select": self.mode, "selected": self.chosen["round"], "val_acc": self.chosen["val_acc"]}
+        return {"select": self.mode, "selected": self.chosen["evaluation"], "val_acc": self.chosen["val_acc"]}
 
     def state_dict(self) -> dict:
         return self.chosen

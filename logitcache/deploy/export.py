@@ -8,8 +8,10 @@ everything passed: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import atomic_folder, load_model, write_json
+from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
 from logitcache.core.views import Normalizer
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
@@ -27,8 +30,23 @@ from logitcache.deploy.quantize import calibration_images, quantize
 INPUT = "images"
 
 
+@dataclass
+class ExportJob:
+    """What every runtime's build reads: the model and its inputs, the folder being written, the settings."""
+
+    model: nn.Module
+    example: torch.Tensor  # two test images, the traced input
+    folder: Path  # the export's temporary folder, renamed to <export.out>/<name> when everything passed
+    cfg: ExportConfig
+    arch: str
+    threads: int
+    calibration: np.ndarray | None  # replayed training views for static int8; None = dynamic
+    notes: dict = field(default_factory=dict)  # what a build reports beside its runtime (e.g. int8_method)
+
+
 def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict:
-    """Export, check and time CHECKPOINT into <export.out>/<name>/; returns its metrics."""
+    """Export, check and time CHECKPOINT into <export.out>/<name>/, one runtime of RUNTIMES after the other;
+    returns its metrics."""
     cfg = params.export
     threads = _set_threads(cfg)
     model, ckpt = load_model(checkpoint)
@@ -37,41 +55,68 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     test = load_split(data, "test")
     images = Normalizer(test.mean, test.std)(test.images).numpy()
     labels = test.labels.numpy()
-    eager = torch_runtime(model.eval())
-    reference = predict(eager, images)
+    reference = predict(eager_runtime_of(model), images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
                                       cfg.calibration_seed) if cfg.calibration_cache else None)
-
-    def timed(run: Runtime) -> dict:
-        return speed(run, images[0], cfg.latency_runs, cfg.throughput_runs, cfg.warmup_runs)
-
     with atomic_folder(Path(cfg.out) / name) as tmp:
-        example = torch.from_numpy(images[:2])
-        export_onnx(model, example, tmp / "model.onnx", cfg.opset, arch)
-        export_program(model, example, tmp / "model.pt2", arch)
-        fp32 = onnx_runtime(tmp / "model.onnx", threads)
-        program = torch_runtime(torch.export.load(tmp / "model.pt2").module())
-        int8_method = quantize(tmp / "model.onnx", tmp / "model.int8.onnx", INPUT, calibration)
-        int8 = onnx_runtime(tmp / "model.int8.onnx", threads)
-        pytorch_acc = _accuracy(reference, labels)
-        runtimes = {
-            "pytorch": {"file": Path(checkpoint).name, "bytes": Path(checkpoint).stat().st_size,
-                        "test_acc": pytorch_acc, **timed(eager)},
-            "pt2": {"file": "model.pt2", **_checked(program, images, reference, labels, cfg.atol, f"{arch} .pt2")},
-            "onnx_fp32": {"file": "model.onnx", **_checked(fp32, images, reference, labels, cfg.atol, f"{arch} ONNX"),
-                          **timed(fp32)},
-            "onnx_int8": {"file": "model.int8.onnx", **_compared(int8, images, reference, labels), **timed(int8)},
-        }
-        for key in ("pt2", "onnx_fp32", "onnx_int8"):
-            runtimes[key]["bytes"] = (tmp / runtimes[key]["file"]).stat().st_size
-        runtimes["onnx_int8"]["acc_drop"] = pytorch_acc - runtimes["onnx_int8"]["test_acc"]
+        job = ExportJob(model, torch.from_numpy(images[:2]), tmp, cfg, arch, threads, calibration)
+        runtimes = {key: _runtime_metrics(job, spec, images, reference, labels, Path(checkpoint))
+                    for key, spec in RUNTIMES.items()}
         metrics = {"model": arch, "checkpoint": str(checkpoint), "params": sum(p.numel() for p in model.parameters()),
                    "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
                    "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
-                   "int8_method": int8_method, "calibration_images": 0 if calibration is None else len(calibration),
-                   **runtimes}
+                   **job.notes, "calibration_images": 0 if calibration is None else len(calibration), **runtimes}
         write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _runtime_metrics(job: ExportJob, spec: RuntimeSpec, images: np.ndarray, reference: np.ndarray,
+                     labels: np.ndarray, checkpoint: Path) -> dict:
+    """Build one runtime, judge its predictions on the test split as its `check` says, time it."""
+    build = spec.build if callable(spec.build) else _resolve(spec.build)
+    run = build(job)
+    path = checkpoint if spec.file is None else job.folder / spec.file
+    out: dict = {"file": path.name, "bytes": path.stat().st_size}
+    if spec.check == "reference":
+        out["test_acc"] = _accuracy(reference, labels)
+    elif spec.check == "exact":
+        out.update(_checked(run, images, reference, labels, job.cfg.atol, f"{job.arch} {spec.label}"))
+    else:
+        out.update(_compared(run, images, reference, labels))
+        out["acc_drop"] = _accuracy(reference, labels) - out["test_acc"]
+    if spec.timed:
+        out.update(speed(run, images[0], job.cfg.latency_runs, job.cfg.throughput_runs, job.cfg.warmup_runs))
+    return out
+
+
+def _resolve(name: str):
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def eager_runtime_of(model: nn.Module) -> Runtime:
+    return torch_runtime(model.eval())
+
+
+def eager_runtime(job: ExportJob) -> Runtime:
+    return eager_runtime_of(job.model)
+
+
+def program_runtime(job: ExportJob) -> Runtime:
+    export_program(job.model, job.example, job.folder / RUNTIMES["pt2"].file, job.arch)
+    return torch_runtime(torch.export.load(job.folder / RUNTIMES["pt2"].file).module())
+
+
+def onnx_fp32_runtime(job: ExportJob) -> Runtime:
+    export_onnx(job.model, job.example, job.folder / RUNTIMES["onnx_fp32"].file, job.cfg.opset, job.arch)
+    return onnx_runtime(job.folder / RUNTIMES["onnx_fp32"].file, job.threads)
+
+
+def onnx_int8_runtime(job: ExportJob) -> Runtime:
+    """int8 from the fp32 ONNX file (built first: RUNTIMES is in order), static when calibrated."""
+    path = job.folder / RUNTIMES["onnx_int8"].file
+    job.notes["int8_method"] = quantize(job.folder / RUNTIMES["onnx_fp32"].file, path, INPUT, job.calibration)
+    return onnx_runtime(path, job.threads)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, arch: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -12,39 +10,42 @@ from torch import nn
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import DataConfig, validate
-from logitcache.core.data import IndexedDataset, Split, load_split
+from logitcache.core.data import Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
-from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
+from logitcache.core.speed import latency, torch_runtime
+from logitcache.core.training import place, score_split, select_device, topk_accuracy
 from logitcache.core.views import Normalizer
+
+LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap figure, export times it at length
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
                    confusion: Path | None = None, model_info: dict | None = None) -> dict:
-    """Accuracy, agreement and KL with the teacher (from the test cache), size and speed."""
+    """Accuracy, agreement and KL with the teacher (from the test cache), size and batch-1 latency (throughput and
+    other runtimes are `logitcache export`'s)."""
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    prepare = Normalizer(test.mean, test.std)
-    logits, labels = predict(model, loader, device, prepare)
+    scored = score_split(model, test, device)
+    logits, labels = scored.logits, scored.labels
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
     n_params = sum(p.numel() for p in model.parameters())
-    metrics = {"test_acc": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
-               "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
+    metrics = {**scored.accuracy(), "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
                "teacher_test_acc": None}
     if test_cache and Path(test_cache).exists():
         with Cache(test_cache) as cache:
             cache.check_matches(test)
-            teacher = cache.logits()[:, cache.meta["views"]["eval_view"] or 0]
-            teacher_params = cache.meta["teacher"].get("params")
+            teacher = cache.logits()[:, cache.eval_view]
+            teacher_params = cache.teacher_params
         metrics["agreement"] = (teacher.argmax(1) == logits.argmax(1)).float().mean().item()
         metrics["kl_to_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher, 1), log_target=True,
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
+    image = Normalizer(test.mean, test.std)(test.images[:1]).numpy()[0]
+    metrics.update(latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS))
     return metrics
 
 
@@ -54,32 +55,6 @@ def _check_fits(info: dict, test: Split) -> None:
         raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
                               f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
                               f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")
-
-
-@torch.inference_mode()
-def _speed(model: nn.Module, shape, device: torch.device, prepare) -> dict:
-    """Latency at batch 1 (median ms/image) and throughput at batch 256 (images/s) on this device."""
-    model.eval()
-
-    def timed(batch: int, repeats: int) -> list[float]:
-        x = prepare(torch.zeros(batch, *shape, dtype=torch.uint8, device=device)).contiguous(
-            memory_format=torch.channels_last)
-        for _ in range(5):  # warm-up: allocator and kernel selection
-            model(x)
-        out = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-        return out
-
-    latency = statistics.median(timed(1, 30)) * 1000
-    throughput = 256 / statistics.median(timed(256, 5))
-    return {"latency_ms": latency, "throughput_img_s": throughput}
 
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str | None = None) -> dict:

@@ -21,6 +21,7 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
+from logitcache.core.forms import FORMS
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
@@ -217,9 +218,8 @@ def _layer_records(taker: FeatureTaker, specs: list[LayerSpec], split: Split, pr
     out = taker(prepare(split.images[:2].to(device)))
     records = []
     for spec in specs:
-        settings = {"map": {"pooled_to": spec.pool or None}, "attention": {"p": spec.p}, "embedding": {}}
         record = {"name": spec.name, "activation": activation_side(taker.net, spec.name),
-                  "forms": {form: settings[form] for form in spec.forms}}
+                  "forms": {form: FORMS[form].settings(spec) for form in spec.forms}}
         for form, info in record["forms"].items():
             info["shape"] = list(stored_form(out[spec.name].float(), form, record).shape[1:])
         records.append(record)

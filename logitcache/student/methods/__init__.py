@@ -17,22 +17,21 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from logitcache.core.config import Form
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import NonNegative, Progress
 
-Form = Literal["map", "attention", "embedding"]
-FORMS: tuple[str, ...] = ("map", "attention", "embedding")
 
 
 @dataclass(frozen=True)
 class TeacherInput:
-    """A cached teacher layer in one stored form (see `dump.layers`)."""
+    """A cached teacher layer in one stored form (see `dump.layers` and `logitcache.core.forms.FORMS`)."""
 
     layer: str
     form: Form = "map"
