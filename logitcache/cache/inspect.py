@@ -16,7 +16,7 @@ from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec
+from logitcache.core.views import ViewRenderer, ViewSpec
 
 
 def describe(path: str | Path) -> dict:
@@ -32,7 +32,8 @@ def describe(path: str | Path) -> dict:
     n = arrays.get("index", ((0,),))[0][0]
     size = path.stat().st_size
     return {"path": str(path), "complete": attrs.get("complete") is True, "teacher": attrs.get("teacher"),
-            "dataset": attrs.get("dataset"), "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
+            "dataset": attrs.get("dataset"), "preprocess": (attrs.get("transform") or {}).get("preprocess"),
+            "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
             "forms": _forms(attrs.get("layers"), arrays),
             "topk": attrs.get("topk"), "teacher_accuracy": attrs.get("teacher_accuracy"),
             "rows_done": attrs.get("rows_done"),
@@ -76,6 +77,10 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
             raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path}); "
                                   "pass --teacher with the checkpoint it was made from")
+        recorded = cache.meta["transform"].get("preprocess")
+        if recorded is not None and recorded != teacher.preprocess.to_json():
+            raise LogitcacheError(f"{path} was made with teacher preprocessing {recorded}, the teacher {teacher_path} "
+                                  f"records {teacher.preprocess.to_json()}; re-dump it")
         split = load_split(data, cache.meta["dataset"]["split"])
         cache.check_matches(split)
         rng = np.random.default_rng(seed)
@@ -87,7 +92,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
         taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = taker(Normalizer(split.mean, split.std)(images))
+            out = taker(teacher.input_for(split.channels)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
         if cache.meta["topk"]:

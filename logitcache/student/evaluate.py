@@ -15,6 +15,7 @@ from logitcache.core.config import DataConfig, validate
 from logitcache.core.data import IndexedDataset, Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
+from logitcache.core.preprocess import Preprocess, TeacherInput
 from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
 from logitcache.core.views import Normalizer
 
@@ -26,7 +27,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     if model_info is not None:
         _check_fits(model_info, test)
     loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    prepare = Normalizer(test.mean, test.std)
+    prepare = _input_of(model_info, test)
     logits, labels = predict(model, loader, device, prepare)
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
@@ -48,9 +49,17 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     return metrics
 
 
+def _input_of(info: dict | None, test: Split):
+    """A teacher checkpoint's own preprocessing where it records one; the data's normalisation for a student."""
+    if info is not None and "preprocess" in info:
+        return TeacherInput(Preprocess.of_checkpoint(info), test.channels)
+    return Normalizer(test.mean, test.std)
+
+
 def _check_fits(info: dict, test: Split) -> None:
     """A model for other classes or channels would be scored against the wrong labels, or crash mid-run."""
-    if (info["num_classes"], info["in_channels"]) != (test.num_classes, test.channels):
+    channels = test.channels if "preprocess" in info else info["in_channels"]  # a teacher converts grey to RGB
+    if (info["num_classes"], channels) != (test.num_classes, test.channels):
         raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
                               f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
                               f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.cache.format import form_dataset, stored_forms
 from logitcache.cache.reader import Cache
@@ -26,7 +25,7 @@ from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
 from logitcache.core.io import check_output_folder, load_checkpoint, load_model, save_checkpoint, write_json
-from logitcache.core.models import build_model, feature_nodes, layer_channels
+from logitcache.core.models import build_model, feature_extractor, feature_nodes, layer_channels
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
     RESUME,
@@ -213,7 +212,7 @@ def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple
     if unknown:
         raise LogitcacheError(f"unknown student layer(s) {', '.join(map(repr, unknown))} for {cfg.model}; "
                               f"valid names: {', '.join(nodes)}")
-    taker = place(create_feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
+    taker = place(feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
                   device)
     with torch.no_grad():
         probe = taker.eval()(Normalizer(train.mean, train.std)(train.images[:2].to(device)))
@@ -319,7 +318,7 @@ class Stepper:
         at = Progress(step / max(1, self.total - 1), step / self.steps_per_pass)
         x = to_input(images, self.device, self.prepare)
         if self.teacher_for is not None:
-            teacher = self.teacher_for(x)
+            teacher = self.teacher_for(images)  # the teacher renders its own input from the same view
         else:
             teacher = TeacherOut([t.to(self.device) for t in logits],
                                  {key: v.to(self.device) for key, v in features.items()})
@@ -506,10 +505,11 @@ def _online_teacher(cfg: StudentConfig, plan: Plan, device):
     wanted = plan.needs.teacher
     taker = place(FeatureTaker(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
     dtype = getattr(torch, meta["dtypes"]["logits"])
+    teacher_input = teacher.input_for(plan.train.channels)
 
     @torch.no_grad()
-    def targets(x) -> TeacherOut:
-        out = taker(x)
+    def targets(images) -> TeacherOut:
+        out = taker(to_input(images, device, teacher_input))
         return TeacherOut([out["logits"].float().to(dtype).float()] if plan.needs.logits else [],
                           {t: stored_form(out[t.layer].float(), t.form, layers[t.layer]).float() for t in wanted})
 

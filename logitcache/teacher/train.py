@@ -12,7 +12,6 @@ from logitcache.core.config import Params, save_config
 from logitcache.core.data import IndexedDataset, holdout, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
-from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
     Selector,
@@ -32,7 +31,9 @@ from logitcache.core.training import (
     train_epoch,
     validation_scorer,
 )
-from logitcache.core.views import Normalizer, ViewSpec
+from logitcache.core.preprocess import TeacherInput
+from logitcache.core.views import ViewSpec
+from logitcache.teacher.init import initial_teacher
 
 CHECKPOINT = "teacher.pt"
 
@@ -49,16 +50,17 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     train = load_split(params.data, "train")
     train_rows, validation_rows = holdout(params.data, len(train))
     seed_everything(cfg.seed)
-    model = place(build_model(cfg.model, train.channels, train.num_classes), device)
+    start = initial_teacher(cfg, train)
+    model = place(start.model, device)
     trained = data_parallel(model, device, dist)
-    prepare = Normalizer(train.mean, train.std)
+    prepare = TeacherInput(start.preprocess, train.channels)
     augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
     dataset = Subset(IndexedDataset(train, augment), train_rows.tolist())  # never the validation rows
     sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
     loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
                          workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
-    selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device))
+    optimizer, scheduler = make_optimizer(start.parameter_groups(cfg), cfg, cfg.epochs * len(loader))
+    selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device, prepare))
     config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
     checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
                                 {"model": model, "optimizer": optimizer, "scheduler": scheduler, "selector": selector},
@@ -73,12 +75,13 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
         return loss, logits, labels
 
     def run_epoch(epoch: int) -> dict:
+        before = _score_init(selector) if cfg.init and epoch == 0 and dist.is_main else {}
         seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)  # each rank its own augmentations
         if sampler is not None:
             sampler.set_epoch(epoch)
         stats = train_epoch(trained, loader, step, optimizer, scheduler, epoch=epoch + 1,
                             desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
-        stats["epoch"] = epoch + 1
+        stats.update(epoch=epoch + 1, **before)
         if dist.is_main:
             scored = selector.evaluate(epoch + 1, stats)
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} train {stats['train_acc']:.4f} "
@@ -92,8 +95,9 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     test = load_split(params.data, "test")  # scored once, on the selected weights, after training
     logits, labels = predict(model, make_loader(IndexedDataset(test, torch.nn.Identity()), 512, shuffle=False,
                                                 seed=cfg.seed, workers=0, device=device), device, prepare)
-    model_info = {"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
-                  "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std)}
+    model_info = {"model": cfg.model, "in_channels": start.in_channels, "num_classes": train.num_classes,
+                  "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std),
+                  "preprocess": start.preprocess.to_json(), **start.inherited}
     metrics = {
         "test_acc": topk_accuracy(logits, labels, 1),
         "test_top5": topk_accuracy(logits, labels, 5),
@@ -104,6 +108,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
         "device": device.type,
         "world_size": dist.world_size,
+        **({"init_val_acc": history[0].get("init_val_acc")} if cfg.init else {}),
     }
     write_json(out / "metrics.json", metrics)
     write_confusion(out / "confusion.json", labels, logits.argmax(1))
@@ -113,3 +118,12 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
                     model_info=model_info)  # last: its presence means the run finished
     checkpointer.discard()
     return metrics
+
+
+def _score_init(selector: Selector) -> dict:
+    """The starting weights scored on the validation split before any step (round 0 of the selection, so
+    fine-tuning that does not help keeps them)."""
+    scores: dict = {}
+    selector.evaluate(0, scores)
+    print(f"init: {scores.get('val_acc')} validation accuracy before fine-tuning", flush=True)
+    return {"init_val_acc": scores.get("val_acc")}
