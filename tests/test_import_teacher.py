@@ -419,3 +419,36 @@ def test_a_model_fx_cannot_trace_is_named_in_one_line():
     with pytest.raises(LogitcacheError, match=r"^model timm:branchy cannot be traced by torch.fx") as error:
         feature_nodes(model)
     assert "\n" not in str(error.value)
+
+
+def timm_student_checkpoint(data_cfg, path: Path) -> Path:
+    from logitcache.core.io import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("timm:test_resnet", 1, 10)
+    save_checkpoint(path, model.state_dict(), {"data": data_cfg.model_dump(mode="json")},
+                    model_info={"model": "timm:test_resnet", "in_channels": 1, "num_classes": 10})
+    return path
+
+
+def test_a_timm_student_prunes_to_a_checkpoint_that_loads_again(data_cfg, tmp_path):
+    from logitcache.core.io import load_model
+    from logitcache.deploy.prune import prune_checkpoint
+
+    ckpt = timm_student_checkpoint(data_cfg, tmp_path / "student.pt")
+    params = validate({"prune": {"ratio": 0.3, "out": str(tmp_path / "pruned" / "student.pt")}})
+    metrics = prune_checkpoint(params, ckpt)
+    assert metrics["params"] < metrics["params_before"]
+    model, _ = load_model(tmp_path / "pruned" / "student.pt")
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]
+
+
+@pytest.mark.slow
+def test_a_timm_student_exports_to_onnx_and_pt2(data_cfg, tmp_path):
+    from logitcache.deploy.export import export_checkpoint
+
+    ckpt = timm_student_checkpoint(data_cfg, tmp_path / "student.pt")
+    params = validate({"export": {"out": str(tmp_path / "deploy"), "calibration_cache": None, "latency_runs": 2,
+                                  "warmup_runs": 0, "throughput_runs": 1, "threads": 1}})
+    metrics = export_checkpoint(params, ckpt, "timm")
+    assert metrics["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4

@@ -77,12 +77,12 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
             raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path}); "
                                   "pass --teacher with the checkpoint it was made from")
-        recorded = cache.meta["transform"].get("preprocess")
-        if recorded is not None and recorded != teacher.preprocess.to_json():
-            raise LogitcacheError(f"{path} was made with teacher preprocessing {recorded}, the teacher {teacher_path} "
-                                  f"records {teacher.preprocess.to_json()}; re-dump it")
         split = load_split(data, cache.meta["dataset"]["split"])
         cache.check_matches(split)
+        recorded, own = cache.meta["transform"].get("preprocess"), teacher.preprocess_for(split).to_json()
+        if recorded is not None and recorded != own:
+            raise LogitcacheError(f"{path} was made with teacher preprocessing {recorded}, the teacher {teacher_path} "
+                                  f"has {own}; re-dump it")
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
         views = rng.integers(0, cache.num_views, size=len(rows))
@@ -92,7 +92,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
         taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = taker(teacher.input_for(split.channels)(images))
+            out = taker(teacher.input_for(split)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
         if cache.meta["topk"]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model
 from logitcache.core.models import feature_extractor, feature_nodes
@@ -25,7 +26,7 @@ class Teacher:
     model: nn.Module
     info: dict
     sha256: str
-    preprocess: Preprocess
+    preprocess: Preprocess | None
 
     def identity(self) -> dict:
         """What a cache records of its teacher; an imported one also names its weight file and class map."""
@@ -34,9 +35,13 @@ class Teacher:
                 "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"],
                 "params": sum(p.numel() for p in self.model.parameters()), **imported}
 
-    def input_for(self, data_channels: int) -> TeacherInput:
-        """uint8 views of data with this many channels -> this teacher's input."""
-        return TeacherInput(self.preprocess, data_channels)
+    def preprocess_for(self, split: Split) -> Preprocess:
+        """The checkpoint's preprocessing; a checkpoint that records none takes the data as it is."""
+        return self.preprocess or Preprocess(None, None, "bilinear", split.mean, split.std, self.info["in_channels"])
+
+    def input_for(self, split: Split) -> TeacherInput:
+        """uint8 views of this data -> this teacher's input (refuses channels it cannot convert)."""
+        return TeacherInput(self.preprocess_for(split), split.channels)
 
 
 def load_teacher(path: str | Path) -> Teacher:

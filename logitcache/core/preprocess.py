@@ -47,11 +47,9 @@ class Preprocess:
         return cls(side, side, "bilinear", tuple(mean), tuple(std), channels)
 
     @classmethod
-    def of_checkpoint(cls, info: dict) -> "Preprocess":
-        """What a checkpoint's model_info records; a teacher trained before it was recorded: the data's statistics."""
-        if "preprocess" in info:
-            return cls.from_json(info["preprocess"])
-        return cls(None, None, "bilinear", tuple(info["mean"]), tuple(info["std"]), info["in_channels"])
+    def of_checkpoint(cls, info: dict) -> "Preprocess | None":
+        """What a checkpoint's model_info records; None for one written before it was recorded (the data as it is)."""
+        return cls.from_json(info["preprocess"]) if "preprocess" in info else None
 
     def override(self, **given) -> "Preprocess":
         """These fields replaced where a value is given (None keeps the field), checked."""
@@ -99,3 +97,10 @@ class TeacherInput:
         if self.repeat:
             images = images.expand(-1, self.repeat, -1, -1)
         return self.normalize(images)
+
+
+def model_input(info: dict, split) -> "TeacherInput | Normalizer":
+    """How a checkpoint's model takes a split's uint8 images: a teacher's recorded preprocessing, or (a student, or
+    a checkpoint that records none) the data's normalisation."""
+    pre = Preprocess.of_checkpoint(info)
+    return TeacherInput(pre, split.channels) if pre else Normalizer(split.mean, split.std)

@@ -20,7 +20,7 @@ from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import atomic_folder, load_model, write_json
-from logitcache.core.views import Normalizer
+from logitcache.core.preprocess import model_input
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
 
@@ -35,12 +35,13 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     arch = ckpt["model_info"]["model"]
     data = checkpoint_data(ckpt, checkpoint)
     test = load_split(data, "test")
-    images = Normalizer(test.mean, test.std)(test.images).numpy()
+    prepare = model_input(ckpt["model_info"], test)
+    images = prepare(test.images).numpy()
     labels = test.labels.numpy()
     eager = torch_runtime(model.eval())
     reference = predict(eager, images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
-                                      cfg.calibration_seed) if cfg.calibration_cache else None)
+                                      cfg.calibration_seed, prepare) if cfg.calibration_cache else None)
 
     def timed(run: Runtime) -> dict:
         return speed(run, images[0], cfg.latency_runs, cfg.throughput_runs, cfg.warmup_runs)

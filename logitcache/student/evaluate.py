@@ -15,9 +15,8 @@ from logitcache.core.config import DataConfig, validate
 from logitcache.core.data import IndexedDataset, Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
-from logitcache.core.preprocess import Preprocess, TeacherInput
+from logitcache.core.preprocess import model_input
 from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
-from logitcache.core.views import Normalizer
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
@@ -27,7 +26,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     if model_info is not None:
         _check_fits(model_info, test)
     loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    prepare = _input_of(model_info, test)
+    prepare = model_input(model_info or {}, test)
     logits, labels = predict(model, loader, device, prepare)
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
@@ -47,13 +46,6 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
         metrics["compression"] = teacher_params / n_params if teacher_params else None
     metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
     return metrics
-
-
-def _input_of(info: dict | None, test: Split):
-    """A teacher checkpoint's own preprocessing where it records one; the data's normalisation for a student."""
-    if info is not None and "preprocess" in info:
-        return TeacherInput(Preprocess.of_checkpoint(info), test.channels)
-    return Normalizer(test.mean, test.std)
 
 
 def _check_fits(info: dict, test: Split) -> None:

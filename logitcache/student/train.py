@@ -505,7 +505,7 @@ def _online_teacher(cfg: StudentConfig, plan: Plan, device):
     wanted = plan.needs.teacher
     taker = place(FeatureTaker(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
     dtype = getattr(torch, meta["dtypes"]["logits"])
-    teacher_input = teacher.input_for(plan.train.channels)
+    teacher_input = teacher.input_for(plan.train)
 
     @torch.no_grad()
     def targets(images) -> TeacherOut:

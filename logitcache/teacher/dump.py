@@ -103,7 +103,7 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
     taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()
-    prepare = teacher.input_for(split.channels)
+    prepare = teacher.input_for(split)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
     layers, classes = _layer_records(taker, specs, split, prepare, device)
     record = _metadata(cfg, teacher, split, spec, vparams, layers)
@@ -201,12 +201,14 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
     if "dataset" in info and made_on != split.dataset:
         raise LogitcacheError(f"teacher {path} was trained on '{made_on}' but the data set is '{split.dataset}'; "
                               "use a teacher trained on this data")
-    if info["num_classes"] != split.num_classes:
-        hint = ("import it with --class-map (data class -> teacher output)" if "source" in info
-                else "retrain the teacher on this data")
-        raise LogitcacheError(f"teacher {path} has {info['num_classes']} classes, the data has {split.num_classes}; "
-                              f"{hint}")
-    teacher.input_for(split.channels)  # refuses channel counts it cannot convert
+    if "source" in info and info["num_classes"] != split.num_classes:
+        raise LogitcacheError(f"teacher {path} has {info['num_classes']} outputs, the data has {split.num_classes} "
+                              "classes; import it with --class-map (data class -> teacher output index)")
+    channels = split.channels if teacher.preprocess else info["in_channels"]  # a recorded preprocessing converts
+    if info["num_classes"] != split.num_classes or channels != split.channels:
+        raise LogitcacheError(f"teacher {path} has {info['num_classes']} classes/{info['in_channels']} channels, "
+                              f"data has {split.num_classes}/{split.channels}; retrain the teacher on this data")
+    teacher.input_for(split)  # refuses channel counts it cannot convert
     if "mean" in info and (info["mean"], info["std"]) != (list(split.mean), list(split.std)):
         raise LogitcacheError(f"teacher {path} was trained with normalisation mean {info['mean']} std {info['std']}, "
                               f"the data has mean {list(split.mean)} std {list(split.std)}; retrain the teacher on this data")
@@ -251,7 +253,7 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
         "teacher": teacher.identity(),
         "dataset": split.identity(),
         "transform": {"normalize": {"mean": list(split.mean), "std": list(split.std)}, "augment": spec.to_json(),
-                      "preprocess": teacher.preprocess.to_json(),
+                      "preprocess": teacher.preprocess_for(split).to_json(),
                       "input": "uint8 view -> teacher preprocess (resize, center crop, grey to RGB where the teacher "
                                "needs it, float32 / 255, its mean and std); normalize is the data set's"},
         "views": {"count": int(vparams.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"

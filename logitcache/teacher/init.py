@@ -47,7 +47,8 @@ def initial_teacher(cfg: TeacherConfig, train: Split) -> Start:
     if info["model"] != cfg.model:
         raise LogitcacheError(f"teacher.init {cfg.init} holds a {info['model']}, teacher.model is {cfg.model}; "
                               f"set teacher.model={info['model']}")
-    preprocess = Preprocess.of_checkpoint(info)
+    preprocess = Preprocess.of_checkpoint(info) or Preprocess.of_data(train.channels, train.image_size, train.mean,
+                                                                      train.std)
     TeacherInput(preprocess, train.channels)  # refuses channel counts it cannot convert
     origin = {"checkpoint": str(cfg.init), "sha256": hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest(),
               **({"source": info["source"]} if "source" in info else {})}
