@@ -452,3 +452,50 @@ def test_a_timm_student_exports_to_onnx_and_pt2(data_cfg, tmp_path):
                                   "warmup_runs": 0, "throughput_runs": 1, "threads": 1}})
     metrics = export_checkpoint(params, ckpt, "timm")
     assert metrics["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
+
+
+# ---------------------------------------------------------------- the documented commands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_commands() -> list[str]:
+    """Every `logitcache ...` line of docs/teachers.md's and README's "Your own teacher" shell blocks, and the
+    command of dvc.yaml's documented import_teacher stage."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own teacher"):]
+    section = section[:section.index("\n## ", 1)]
+    lines = []
+    for text in ((ROOT / "docs" / "teachers.md").read_text(), section):
+        for block in text.split("```bash")[1:]:
+            lines += [line for line in block.split("```")[0].splitlines() if line.startswith("logitcache ")]
+    lines += [line.split("cmd: ", 1)[1] for line in (ROOT / "dvc.yaml").read_text().splitlines()
+              if line.lstrip("# ").startswith("cmd: logitcache import-teacher")]
+    return lines
+
+
+def test_the_documented_commands_cover_the_guide():
+    commands = documented_commands()
+    assert len(commands) >= 10
+    assert any("import-teacher" in c and "torchvision:" in c for c in commands)
+    assert any("import-teacher" in c and ".safetensors" in c for c in commands)
+    assert any("import-teacher" in c and "timm:" in c for c in commands)
+
+
+@pytest.mark.parametrize("line", documented_commands())
+def test_every_documented_command_parses_and_its_settings_validate(line, tmp_path, monkeypatch):
+    import shlex
+
+    import click
+
+    from logitcache.core.config import load_params
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the built-in defaults plus the line's overrides
+    name, *args = shlex.split(line.split("  #")[0])[1:]
+    command = main.get_command(click.Context(main), name)
+    assert command is not None, f"no command {name!r}: {line}"
+    ctx = command.make_context(name, list(args))
+    overrides = list(ctx.params.get("overrides") or ())
+    load_params(None, overrides)
+    if "arch" in ctx.params and ctx.params["arch"]:
+        load_params(None, [f"teacher.model={ctx.params['arch']}"])

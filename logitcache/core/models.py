@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -259,6 +260,7 @@ def _pretrained_torchvision(name: str, in_channels: int, num_classes: int) -> nn
     return model
 
 
+@functools.cache
 def _timm_names() -> list[str]:
     import timm
 
