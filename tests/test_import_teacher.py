@@ -128,10 +128,11 @@ def test_wrapped_state_dicts_and_data_parallel_prefixes_are_unwrapped(data_cfg, 
 # ---------------------------------------------------------------- preprocessing
 
 
-def test_teacher_input_is_torchvisions_grayscale_resize_crop_and_normalize():
+@pytest.mark.parametrize("resize, crop", [(36, 32), (20, 16)])  # up, and down (antialiased)
+def test_teacher_input_is_torchvisions_grayscale_resize_crop_and_normalize(resize, crop):
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
-    pre = Preprocess(36, 32, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)
-    expected = by_hand(images, 36, 32, pre.mean, pre.std)
+    pre = Preprocess(resize, crop, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)
+    expected = by_hand(images, resize, crop, pre.mean, pre.std)
     assert torch.equal(TeacherInput(pre, 1)(images), expected)
 
 
@@ -499,3 +500,22 @@ def test_every_documented_command_parses_and_its_settings_validate(line, tmp_pat
     load_params(None, overrides)
     if "arch" in ctx.params and ctx.params["arch"]:
         load_params(None, [f"teacher.model={ctx.params['arch']}"])
+
+
+def test_verify_refuses_a_cache_whose_recorded_preprocessing_is_not_the_teachers(data_cfg, teacher_ckpt, cache_dir,
+                                                                                  tmp_path):
+    import shutil
+
+    from logitcache.cache.format import set_attr
+    from logitcache.cache.inspect import verify
+
+    cache = tmp_path / "test.h5"
+    shutil.copy(cache_dir / "test.h5", cache)
+    with h5py.File(cache, "r+") as f:
+        transform = json.loads(f.attrs["transform"])
+        assert transform["preprocess"]["mean"] == [0.286]
+        transform["preprocess"]["mean"] = [0.5]
+        set_attr(f, "transform", transform)
+    with pytest.raises(LogitcacheError, match="made with teacher preprocessing"):
+        verify(cache, teacher_ckpt, data_cfg, samples=4)
+    assert verify(cache_dir / "test.h5", teacher_ckpt, data_cfg, samples=4)["ok"]
