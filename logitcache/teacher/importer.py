@@ -31,7 +31,7 @@ WRAPPER_KEYS = ("state_dict", "model")  # the usual containers of a state_dict i
 
 @dataclass(frozen=True)
 class DataShape:
-    """What the import needs to know of the prepared data: its classes and channels (and the split to score on)."""
+    """What the import needs to know of the prepared data: its classes, channels, image size and statistics."""
 
     classes: list[str]
     channels: int
@@ -169,9 +169,9 @@ def _common_prefix(unexpected: list[str], missing: list[str]) -> str | None:
     if not unexpected or not missing:
         return None
     key = unexpected[0]
-    for m in missing:
-        if key.endswith("." + m) or key.endswith(m) and key != m:
-            prefix = key[: len(key) - len(m)]
+    for name in missing:
+        if key != name and key.endswith(name):
+            prefix = key.removesuffix(name)
             if all(k.startswith(prefix) for k in unexpected):
                 return prefix
     return None
