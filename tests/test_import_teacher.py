@@ -175,11 +175,12 @@ def test_timm_import_takes_its_pretrained_cfg_and_flags_override_it(data_cfg, tm
 # ---------------------------------------------------------------- end to end
 
 
-def distil(data_cfg, cache: Path, tmp_path: Path, model: str = "cnn_tiny", loss=None) -> dict:
+def distil(data_cfg, cache: Path, tmp_path: Path, model: str = "cnn_tiny", loss=None, **extra) -> dict:
     from logitcache.student.train import train_student
 
     student = {"model": model, "loss": loss or {"kd": {}}, "steps": 2, "evaluations": 1, "batch_size": 32,
-               "caches": [str(cache / "train.h5")], "test_cache": str(cache / "test.h5"), "out": str(tmp_path / "s")}
+               "caches": [str(cache / "train.h5")], "test_cache": str(cache / "test.h5"), "out": str(tmp_path / "s"),
+               **extra}
     return train_student(validate({"data": data_cfg.model_dump(), "students": {"s": student}}), "s")
 
 
@@ -238,8 +239,8 @@ def test_class_map_takes_the_teachers_logits_at_the_mapped_indices(data_cfg, tmp
     class_map.write_text(json.dumps(dict(zip(classes, mapping))))
     params = params_for(data_cfg, tmp_path, "torchvision:resnet18", preprocess={"resize": 32, "crop": 32})
     import_teacher(params, path, num_classes=20, class_map=class_map)
-    cache = dump(data_cfg, Path(params.teacher.out) / "teacher.pt", tmp_path / "cache", views=1, splits=["test"],
-                 layers=["net.layer2"])
+    teacher = Path(params.teacher.out) / "teacher.pt"
+    cache = dump(data_cfg, teacher, tmp_path / "cache", views=1, layers=["net.layer2"])
     model = torchvision.models.resnet18(num_classes=20).eval()
     model.load_state_dict(torch.load(path, weights_only=True))
     test = torch.from_numpy(np.load(Path(data_cfg.root) / "fashion_mnist" / "test_images.npy")[:16])
@@ -248,6 +249,11 @@ def test_class_map_takes_the_teachers_logits_at_the_mapped_indices(data_cfg, tmp
     cached = torch.from_numpy(arrays(cache / "test.h5")["logits"][:16, 0]).float()
     assert cached.shape == (16, 10)
     assert torch.allclose(cached, full[:, mapping], atol=2e-2, rtol=2e-3)
+    # evaluate and --online run the same mapped teacher on its own rendering of the view
+    from logitcache.student.evaluate import evaluate_checkpoint
+
+    assert evaluate_checkpoint(teacher, "cpu", str(cache / "test.h5"))["agreement"] >= 0.9
+    assert distil(data_cfg, cache, tmp_path, online=True, teacher=str(teacher))["online"] is True
 
 
 # ---------------------------------------------------------------- bad input
