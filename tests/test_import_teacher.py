@@ -284,6 +284,13 @@ def assert_refused(result, out: Path, *words: str) -> None:
     assert not out.exists(), "nothing may be written"
 
 
+def test_channel_counts_other_than_grey_to_rgb_are_refused_in_one_line():
+    rgb = Preprocess(None, None, "bilinear", (0.5,), (0.5,), 1)
+    with pytest.raises(LogitcacheError, match=r"takes 1-channel images, the data has 3") as error:
+        TeacherInput(rgb, 3)
+    assert "\n" not in str(error.value)
+
+
 def test_a_missing_weight_file_is_refused(data_cfg, tmp_path):
     result = run_import(data_cfg, tmp_path / "out", str(tmp_path / "nope.pth"), "--arch", "resnet8")
     assert_refused(result, tmp_path / "out", "nope.pth", "does not exist")
