@@ -218,6 +218,7 @@ def _format_summary(info: dict) -> str:
              f"data       {data.get('name')}/{data.get('split')}, N={info['samples']}, "
              f"fingerprint {str(data.get('fingerprint'))[:16]}",
              f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
+             *([_source_line(teacher)] if teacher.get("source") else []),
              *([_preprocess_line(info["preprocess"])] if info.get("preprocess") else []),
              f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
     for name, spec in info["arrays"].items():
@@ -236,6 +237,12 @@ def _format_summary(info: dict) -> str:
         lines.append(f"verify     {v['rows']} rows: max |Δlogit| {v['max_abs_logit_diff']:.2e}, KL(T=1) {v['kl_t1']:.2e}, "
                      f"cosine {v['cosine']} -> OK")
     return "\n".join(lines)
+
+
+def _source_line(teacher: dict) -> str:
+    source, mapped = teacher["source"], teacher.get("class_map")
+    return (f"imported   from {source['weights']} sha256 {source['sha256'][:16]}"
+            + (f", logits at teacher outputs {mapped}" if mapped else ""))
 
 
 def _preprocess_line(pre: dict) -> str:

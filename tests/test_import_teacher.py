@@ -210,6 +210,7 @@ def test_torchvision_resnet18_imports_dumps_and_distils(data_cfg, tmp_path):
                                        "data.train_limit=600", "-S", "data.test_limit=300"])
     assert result.exit_code == 0, result.output
     assert "preprocess resize 36, crop 32 (bilinear)" in result.output
+    assert f"imported   from {path} sha256 {sha256(path)[:16]}" in result.output
 
 
 @pytest.mark.slow
