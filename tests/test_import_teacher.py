@@ -368,12 +368,19 @@ def test_an_output_import_did_not_write_is_never_replaced(data_cfg, teacher_ckpt
     assert own.read_bytes() == path.read_bytes()
 
 
-def test_an_earlier_import_is_replaced(data_cfg, teacher_ckpt, tmp_path):
+def test_an_earlier_import_is_replaced_also_when_it_stopped_before_its_checkpoint(data_cfg, teacher_ckpt, tmp_path):
     path = tmp_path / "state.pt"
     torch.save(load_checkpoint(teacher_ckpt)["state_dict"], path)
     for _ in range(2):
         result = run_import(data_cfg, tmp_path / "out", str(path), "--arch", "resnet8")
         assert result.exit_code == 0, result.output
+    (tmp_path / "out" / "teacher.pt").unlink()  # as a kill before the last write leaves it
+    assert run_import(data_cfg, tmp_path / "out", str(path), "--arch", "resnet8").exit_code == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metrics.json").write_text('{"test_acc": 0.9}')
+    assert run_import(data_cfg, foreign, str(path), "--arch", "resnet8").exit_code == 2
+    assert (foreign / "metrics.json").read_text() == '{"test_acc": 0.9}'
 
 
 # ---------------------------------------------------------------- fine-tuning and scoring

@@ -94,19 +94,25 @@ def _check_outputs(out: Path, weights: Path) -> None:
         raise LogitcacheError(f"weight file {weights} does not exist or is not a file; give a state_dict saved with "
                               "torch.save or a .safetensors file")
     check_output_folder(out, "teacher.out")
-    target = out / CHECKPOINT
     if any((out / name).resolve() == weights.resolve() for name in OUTPUTS):
         raise LogitcacheError(f"weight file {weights} is one of the outputs in {out}; import into another --out")
     present = [out / name for name in OUTPUTS if (out / name).exists()]
-    if present and not _imported(target):
+    if present and not _written_by_import(out):
         raise LogitcacheError(f"{present[0]} exists and was not written by import-teacher; give another --out "
                               "(teacher.out) or move it away")
 
 
-def _imported(path: Path) -> bool:
+def _written_by_import(out: Path) -> bool:
+    """Whether the outputs in `out` are an earlier import's: its checkpoint names a source; without one (an import
+    stopped before its last write), its metrics name the weight file's SHA-256."""
+    if (out / CHECKPOINT).exists():
+        try:
+            return "source" in (load_checkpoint(out / CHECKPOINT).get("model_info") or {})
+        except LogitcacheError:
+            return False
     try:
-        return "source" in (load_checkpoint(path).get("model_info") or {})
-    except LogitcacheError:
+        return "source_sha256" in json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
         return False
 
 
