@@ -123,6 +123,37 @@ def train_teacher_cmd(params, resume) -> None:
                    f"({metrics['train_seconds']:.0f} s) -> {params.teacher.out}")
 
 
+@main.command("import-teacher")
+@click.argument("weights", type=click.Path())
+@params_options({"arch": "teacher.model", "out": "teacher.out", "device": "teacher.device",
+                 "resize": "teacher.preprocess.resize", "crop": "teacher.preprocess.crop",
+                 "interpolation": "teacher.preprocess.interpolation", "mean": "teacher.preprocess.mean",
+                 "std": "teacher.preprocess.std"})
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Outputs of the file's head [default: the data's class count].")
+@click.option("--class-map", type=click.Path(), default=None,
+              help="JSON: data class (name or number) -> teacher output index; the logits are taken there.")
+def import_teacher_cmd(params, weights, num_classes, class_map) -> None:
+    """Make a teacher checkpoint from a local weight file (a torch state_dict or .safetensors); nothing is downloaded.
+
+    --arch is a registry name, torchvision:NAME or timm:NAME; the preprocessing comes with the weights
+    (torchvision's weights transforms, timm's pretrained_cfg) unless --resize/--crop/--mean/--std set it.
+    Writes <out>/teacher.pt, which dump-teacher, inspect and train-student read as any teacher, and
+    metrics.json with its validation accuracy. docs/teachers.md has the details.
+
+    \b
+    Example:
+      logitcache import-teacher resnet18-f37072fd.pth --arch torchvision:resnet18 --num-classes 1000 --class-map classes.json
+      logitcache import-teacher model.safetensors --arch timm:resnet50.a1_in1k --num-classes 1000 --class-map classes.json
+      logitcache import-teacher teacher_state.pt --arch resnet8 --out data/imported
+    """
+    from logitcache.teacher.importer import import_teacher
+
+    m = import_teacher(params, weights, num_classes=num_classes, class_map=class_map)
+    score = f"validation accuracy {m['val_acc']:.4f}" if m.get("val_acc") is not None else m["scored"]
+    click.echo(f"teacher {params.teacher.model} from {weights}: {score} -> {Path(params.teacher.out) / 'teacher.pt'}")
+
+
 @main.command("dump-teacher")
 @params_options({"teacher": "dump.teacher", "views": "dump.views", "layers": "dump.layers", "topk": "dump.topk",
                  "out": "dump.out", "device": "dump.device", "compression": "dump.compression"})
@@ -187,6 +218,8 @@ def _format_summary(info: dict) -> str:
              f"data       {data.get('name')}/{data.get('split')}, N={info['samples']}, "
              f"fingerprint {str(data.get('fingerprint'))[:16]}",
              f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
+             *([_source_line(teacher)] if teacher.get("source") else []),
+             *([_preprocess_line(info["preprocess"])] if info.get("preprocess") else []),
              f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
     for name, spec in info["arrays"].items():
         lines.append(f"  {name:<28} {str(tuple(spec['shape'])):<22} {spec['dtype']:<8} {spec['bytes_per_sample']:>7,} B/sample")
@@ -204,6 +237,17 @@ def _format_summary(info: dict) -> str:
         lines.append(f"verify     {v['rows']} rows: max |Δlogit| {v['max_abs_logit_diff']:.2e}, KL(T=1) {v['kl_t1']:.2e}, "
                      f"cosine {v['cosine']} -> OK")
     return "\n".join(lines)
+
+
+def _source_line(teacher: dict) -> str:
+    source, mapped = teacher["source"], teacher.get("class_map")
+    return (f"imported   from {source['weights']} sha256 {source['sha256'][:16]}"
+            + (f", logits at teacher outputs {mapped}" if mapped else ""))
+
+
+def _preprocess_line(pre: dict) -> str:
+    size = f"resize {pre['resize']}, crop {pre['crop']} ({pre['interpolation']})" if pre["resize"] else "as the data"
+    return f"preprocess {size}, mean {pre['mean']} std {pre['std']}, {pre['channels']} channel(s) in"
 
 
 def _method_names() -> list[str]:
@@ -402,15 +446,16 @@ def prune_cmd(params, checkpoint) -> None:
 
 @main.command("models")
 def models_cmd() -> None:
-    """List every model name the registry builds (small-image families, students, torchvision).
+    """List every model name the registry builds (small-image families, students, torchvision), then the families
+    that take a name of their own (torchvision:NAME as torchvision builds it, timm:NAME any timm model).
 
     \b
     Example:
       logitcache models | grep resnet
     """
-    from logitcache.core.models import list_models
+    from logitcache.core.models import FAMILIES, list_models
 
-    click.echo("\n".join(list_models()))
+    click.echo("\n".join(list_models() + [f"{family}:NAME" for family in FAMILIES]))
 
 
 @main.command("layers")

@@ -16,7 +16,7 @@ from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.views import Normalizer, ViewRenderer
+from logitcache.core.views import ViewRenderer
 
 
 def describe(path: str | Path) -> dict:
@@ -32,7 +32,8 @@ def describe(path: str | Path) -> dict:
     n = arrays.get("index", ((0,),))[0][0]
     size = path.stat().st_size
     return {"path": str(path), "complete": attrs.get("complete") is True, "teacher": attrs.get("teacher"),
-            "dataset": attrs.get("dataset"), "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
+            "dataset": attrs.get("dataset"), "preprocess": (attrs.get("transform") or {}).get("preprocess"),
+            "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
             "forms": _forms(attrs.get("layers"), arrays),
             "topk": attrs.get("topk"), "teacher_accuracy": attrs.get("teacher_accuracy"),
             "rows_done": attrs.get("rows_done"),
@@ -78,6 +79,10 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
                                   "pass --teacher with the checkpoint it was made from")
         split = load_split(data, cache.split)
         cache.check_matches(split)
+        recorded, own = cache.meta["transform"].get("preprocess"), teacher.preprocess_for(split).to_json()
+        if recorded is not None and recorded != own:
+            raise LogitcacheError(f"{path} was made with teacher preprocessing {recorded}, the teacher {teacher_path} "
+                                  f"has {own}; re-dump it")
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
         views = rng.integers(0, cache.num_views, size=len(rows))
@@ -86,7 +91,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
         extractor = FeatureTaker(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = extractor(Normalizer(split.mean, split.std)(images))
+            out = extractor(teacher.input_for(split)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
         if cache.topk:

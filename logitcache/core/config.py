@@ -24,16 +24,9 @@ class Section(BaseModel):
 
 
 def _known_model(name: str) -> str:
-    import difflib
+    from logitcache.core.models import check_model
 
-    from logitcache.core.models import list_models
-
-    names = list_models()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown model '{name}'{hint}; `logitcache models` lists them")
-    return name
+    return check_model(name)  # UnknownModelError is a ValueError: pydantic reports it on the key
 
 
 def _known_dataset(name: str) -> str:
@@ -128,15 +121,46 @@ class TrainConfig(Section):
     _check_out = field_validator("out")(_folder)
 
 
+class PreprocessConfig(Section):
+    """import-teacher: the teacher's input preprocessing, each key overriding what the weights come with."""
+
+    resize: int | None = Field(None, ge=1, description="resize the shorter side of a view to this; null = the "
+                               "weights' own (torchvision's weights transforms, timm's pretrained_cfg; the data's "
+                               "size for a registry model)")
+    crop: int | None = Field(None, ge=1, description="then center-crop to this square side; null = the weights' own")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="of the resize; null = "
+                                                                            "the weights' own")
+    mean: list[float] | None = Field(None, min_length=1, description="per-channel mean of the normalisation; null = "
+                                     "the weights' own (the data set's for a registry model)")
+    std: list[float] | None = Field(None, min_length=1, description="per-channel std of the normalisation; null = "
+                                    "the weights' own")
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        """`0.485,0.456,0.406` (a flag) or a list."""
+        return [float(v) for v in value.split(",")] if isinstance(value, str) else value
+
+
 class TeacherConfig(TrainConfig):
     """Phase one's model, trained with labels: train-teacher writes <out>/teacher.pt and its metrics."""
 
-    model: str = Field("resnet8", description="teacher architecture (logitcache models lists them)")
+    model: str = Field("resnet8", description="teacher architecture (logitcache models lists them; torchvision:NAME "
+                       "or timm:NAME for a pretrained model, docs/teachers.md)")
     epochs: int = Field(15, ge=1, description="passes over the training rows (the training split less the validation "
                         "rows)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    init: str | None = Field(None, description="fine-tune: start from this teacher checkpoint (e.g. from "
+                             "import-teacher; its architecture must be `model`), with a new head where its class "
+                             "count differs from the data's; its preprocessing is kept")
+    backbone_lr: float | None = Field(None, gt=0, description="with init: peak learning rate of every layer but the "
+                                      "head (null = lr)")
+    preprocess: PreprocessConfig = Field(PreprocessConfig(), description="import-teacher: overrides of the teacher's "
+                                         "input preprocessing")
     out: str = Field("data/teacher", description="folder of teacher.pt, metrics.json, history.json, config.json "
                      "and, while a run is unfinished, resume.pt")
+
+    _check_init = field_validator("init")(_file)
 
 
 def _known_form(name: str) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
+from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.forms import FORMS
 from logitcache.core.io import load_model
-from logitcache.core.models import feature_nodes
+from logitcache.core.models import feature_extractor, feature_nodes
+from logitcache.core.preprocess import Preprocess, TeacherInput
 
 
 @dataclass
@@ -26,18 +27,29 @@ class Teacher:
     model: nn.Module
     info: dict
     sha256: str
+    preprocess: Preprocess | None
 
     def identity(self) -> dict:
+        """What a cache records of its teacher; an imported one also names its weight file and class map."""
+        imported = {key: self.info[key] for key in ("source", "class_map") if self.info.get(key)}
         return {"model": self.info["model"], "checkpoint_sha256": self.sha256,
                 "num_classes": self.info["num_classes"], "in_channels": self.info["in_channels"],
-                "params": sum(p.numel() for p in self.model.parameters())}
+                "params": sum(p.numel() for p in self.model.parameters()), **imported}
+
+    def preprocess_for(self, split: Split) -> Preprocess:
+        """The checkpoint's preprocessing; a checkpoint that records none takes the data as it is."""
+        return self.preprocess or Preprocess(None, None, "bilinear", split.mean, split.std, self.info["in_channels"])
+
+    def input_for(self, split: Split) -> TeacherInput:
+        """uint8 views of this data -> this teacher's input (refuses channels it cannot convert)."""
+        return TeacherInput(self.preprocess_for(split), split.channels)
 
 
 def load_teacher(path: str | Path) -> Teacher:
-    """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256."""
+    """The teacher from its checkpoint (weights_only), with the checkpoint's SHA-256 and its preprocessing."""
     model, ckpt = load_model(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return Teacher(model.eval(), ckpt["model_info"], digest)
+    return Teacher(model.eval(), ckpt["model_info"], digest, Preprocess.of_checkpoint(ckpt["model_info"]))
 
 
 class FeatureTaker(nn.Module):
@@ -50,7 +62,7 @@ class FeatureTaker(nn.Module):
         if unknown:
             raise LogitcacheError(f"unknown layer(s) {', '.join(unknown)}; valid names: {', '.join(nodes)}")
         self.layers = list(layers)
-        self.net = create_feature_extractor(model, return_nodes={**{n: n for n in layers}, nodes[-1]: "logits"})
+        self.net = feature_extractor(model, {**{n: n for n in layers}, nodes[-1]: "logits"})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(x)

@@ -82,13 +82,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def _load_failure(error: Exception) -> str:
+def _load_failure(error: Exception, remedy: str = "use only checkpoints written by logitcache") -> str:
     """Why torch.load(weights_only=True) refused a file, without torch's advice to turn the safety off."""
     text = str(error)
     found = re.search(r"GLOBAL (\S+)", text)
     if found:
         return (f"holds objects other than tensors and plain data ({found.group(1)}); it was refused without running "
-                "any of it: use only checkpoints written by logitcache")
+                f"any of it: {remedy}")
     detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "weights_only" not in line
                    and "Weights only" not in line), text.splitlines()[0] if text else type(error).__name__)
     return f"cannot be read ({detail}); it is damaged or not a torch checkpoint: retrain or copy it again"
@@ -96,13 +96,14 @@ def _load_failure(error: Exception) -> str:
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """The model a logitcache checkpoint describes, with its weights, and the checkpoint itself."""
-    from logitcache.core.models import build_model, resize_layers
+    from logitcache.core.models import model_from_info, resize_layers
 
     ckpt = load_checkpoint(path)
     info = ckpt.get("model_info")
     if not isinstance(info, dict):
-        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache")
-    model = build_model(info["model"], info["in_channels"], info["num_classes"])
+        raise LogitcacheError(f"checkpoint {path} has no model_info; it was not written by logitcache (a plain "
+                              "state_dict or safetensors file: convert it with `logitcache import-teacher`)")
+    model = model_from_info(info)
     if info.get("channels"):  # a pruned model: the base architecture with fewer channels
         resize_layers(model, info["channels"], ckpt["state_dict"])
     try:

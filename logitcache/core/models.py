@@ -2,13 +2,19 @@
 
 Every model takes ``(in_channels, num_classes)`` and accepts any image of at least 28x28 pixels,
 so one name works for Fashion-MNIST (1x28x28) and CIFAR (3x32x32) alike.
+
+Two families take a name of their own after a prefix: ``torchvision:NAME`` is a torchvision classifier as
+torchvision builds it (its own stem and input size, for its pretrained weights: `logitcache import-teacher`),
+``timm:NAME`` any model ``timm.create_model`` builds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -16,7 +22,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models import regnet
-from torchvision.models.feature_extraction import get_graph_node_names
 from torchvision.models.resnet import BasicBlock
 
 from logitcache.core.errors import LogitcacheError
@@ -222,6 +227,10 @@ def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
 # ---------------------------------------------------------------- registry
 
 
+def _torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def _registry() -> dict[str, _Builder]:
     small: dict[str, _Builder] = {f"resnet{d}": partial(_cifar_resnet, d) for d in (8, 14, 20, 32, 44, 56, 110)}
     small |= {f"resnet{d}x4": partial(_cifar_resnet, d, width=4) for d in (8, 32)}
@@ -229,7 +238,7 @@ def _registry() -> dict[str, _Builder]:
     small |= {"mobilenetv2_x0_25": partial(_small_mobilenetv2, 0.25),
               "mobilenetv2_x0_5": partial(_small_mobilenetv2, 0.5),
               "cnn_tiny": _cnn_tiny, "cnn_small": _cnn_small}
-    tv = {n: partial(_torchvision, n) for n in torchvision.models.list_models(module=torchvision.models)}
+    tv = {n: partial(_torchvision, n) for n in _torchvision_names()}
     assert not small.keys() & tv.keys(), "a small-family name shadows a torchvision model"
     return small | tv
 
@@ -238,18 +247,93 @@ _MODELS = _registry()
 
 
 def list_models() -> list[str]:
-    """Sorted names of every registered model."""
+    """Sorted names of every registered model (the families' names come after their prefix: `FAMILIES`)."""
     return sorted(_MODELS)
+
+
+def _pretrained_torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's classifier as it is (the architecture its weights are for); another channel count swaps
+    the first conv."""
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **_EXTRA_KWARGS.get(name, {}))
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+@functools.cache
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models(pretrained=False) + timm.list_models(pretrained=True)
+
+
+def _timm(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """timm's model: no weights are fetched; `pretrained_cfg` (its preprocessing) comes with it."""
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Models named `<prefix>:NAME`: every NAME `names()` lists, built by `build(NAME, in_channels, num_classes)`."""
+
+    names: Callable[[], list[str]]
+    build: Callable[[str, int, int], nn.Module]
+
+
+FAMILIES: dict[str, Family] = {"torchvision": Family(_torchvision_names, _pretrained_torchvision),
+                               "timm": Family(_timm_names, _timm)}
+
+
+def check_model(name: str) -> str:
+    """`name` if the registry builds it; else UnknownModelError, one line with close matches."""
+    family, sep, member = name.partition(":")
+    if sep and family in FAMILIES:
+        known = FAMILIES[family].names()
+        if member in known:
+            return name
+        close = [f"{family}:{m}" for m in difflib.get_close_matches(member, known, n=3)]
+        where = f"{family}:NAME takes one of {family}'s {len(known)} model names"
+    elif name in _MODELS:
+        return name
+    else:
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        where = f"`logitcache models` lists the {len(_MODELS)} names and the families " + \
+                ", ".join(f"{f}:NAME" for f in FAMILIES)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UnknownModelError(f"unknown model '{name}'{hint}; {where}")
 
 
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """A freshly initialised (no pretrained weights) model; deterministic given torch's seed."""
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnknownModelError(
-            f"unknown model '{name}'{hint}; run `logitcache models` to list the {len(_MODELS)} names")
-    return _MODELS[name](in_channels, num_classes)
+    check_model(name)
+    family, sep, member = name.partition(":")
+    if not sep:
+        return _MODELS[name](in_channels, num_classes)
+    model = FAMILIES[family].build(member, in_channels, num_classes)
+    model.logitcache_name = name  # for errors that name the model
+    return model
+
+
+class ClassMap(nn.Module):
+    """A teacher trained on a larger label space, seen through the data set's classes: its logits at `indices`
+    (data class i -> teacher output indices[i]). Part of the model, so every stage that runs it agrees."""
+
+    def __init__(self, net: nn.Module, indices: list[int]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).index_select(1, self.indices)
+
+
+def model_from_info(info: dict) -> nn.Module:
+    """The (untrained) model a checkpoint's model_info describes: its architecture at the teacher's own class
+    count, seen through its class map when it has one."""
+    model = build_model(info["model"], info["in_channels"], info.get("source_classes") or info["num_classes"])
+    return ClassMap(model, info["class_map"]) if info.get("class_map") else model
 
 
 _CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
@@ -283,7 +367,7 @@ def feature_nodes(model: nn.Module) -> list[str]:
     because torchvision resolves a module name to its last node, and two requested names for
     one node make it silently return an earlier node's tensor for one of them.
     """
-    _, eval_nodes = get_graph_node_names(model)
+    _, eval_nodes = _traced(model, lambda: _fx(model)[0](model))
     nodes = [n for n in eval_nodes if n != "x"]
     last = {module: i for i, node in enumerate(nodes) for module in _modules_of(node)}
     return [next((m for m in _modules_of(node) if last[m] == i), node) for i, node in enumerate(nodes)]
@@ -293,3 +377,31 @@ def _modules_of(node: str) -> list[str]:
     """Enclosing module names of a node, outermost first: 'layer1.0.conv1' -> ['layer1', 'layer1.0']."""
     parts = node.split(".")
     return [".".join(parts[:k]) for k in range(1, len(parts))]
+
+
+def feature_extractor(model: nn.Module, return_nodes: dict[str, str]) -> torch.fx.GraphModule:
+    """torchvision's create_feature_extractor (timm's, with its leaf modules, for a model built of timm parts)."""
+    return _traced(model, lambda: _fx(model)[1](model, return_nodes))
+
+
+def _fx(model: nn.Module):
+    """(get_graph_node_names, create_feature_extractor): timm's wrappers of torchvision's for a model with timm
+    modules, which tell FX the modules and functions it must not trace into; torchvision's otherwise."""
+    if any(type(m).__module__.startswith("timm.") for m in model.modules()):
+        from timm.layers import create_feature_extractor, get_graph_node_names
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    return get_graph_node_names, create_feature_extractor
+
+
+def _traced(model: nn.Module, trace: Callable):
+    """`trace()`, or one line naming the model when torch.fx cannot trace it (data-dependent control flow)."""
+    try:
+        return trace()
+    except LogitcacheError:
+        raise
+    except Exception as e:
+        name = getattr(model, "logitcache_name", type(model).__name__)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise LogitcacheError(f"model {name} cannot be traced by torch.fx ({detail}), which reading its layers and "
+                              "logits needs; choose another model") from None

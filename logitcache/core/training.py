@@ -100,11 +100,14 @@ def autocast(device: torch.device):
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, total: int):
-    """SGD (Nesterov) and the learning-rate schedule over the run's `total` optimizer steps."""
+    """SGD (Nesterov) and the learning-rate schedule over the run's `total` optimizer steps; `parameters` may be
+    groups with a peak "lr" of their own (cfg.lr for the others)."""
     optimizer = torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     if cfg.schedule == "onecycle" and total >= 8:  # one-cycle needs a few steps per phase
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks if len(peaks) > 1 else cfg.lr,
+                                                        total_steps=total, pct_start=0.25)
     elif cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     else:
@@ -210,17 +213,20 @@ class Scored:
                 "test_top5": topk_accuracy(self.logits, self.labels, 5)}
 
 
-def score_split(model: nn.Module, split: Split, device: torch.device) -> Scored:
-    """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split."""
+def score_split(model: nn.Module, split: Split, device: torch.device, prepare: Callable | None = None) -> Scored:
+    """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split.
+    `prepare` renders its input (default: the data's normalisation)."""
     loader = make_loader(IndexedDataset(split, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    return Scored(*predict(model, loader, device, Normalizer(split.mean, split.std)))
+    return Scored(*predict(model, loader, device, prepare or Normalizer(split.mean, split.std)))
 
 
-def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device) -> Callable[[], dict]:
-    """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy."""
+def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device,
+                      prepare: Callable | None = None) -> Callable[[], dict]:
+    """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy.
+    `prepare` renders its input (default: the data's normalisation)."""
     loader = make_loader(Subset(IndexedDataset(split, nn.Identity()), rows.tolist()), 512, shuffle=False, seed=0,
                          workers=0, device=device)
-    prepare = Normalizer(split.mean, split.std)
+    prepare = prepare or Normalizer(split.mean, split.std)
 
     def score() -> dict:
         if not len(rows):

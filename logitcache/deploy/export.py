@@ -22,8 +22,8 @@ from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import atomic_folder, load_model, write_json
+from logitcache.core.preprocess import model_input
 from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
-from logitcache.core.views import Normalizer
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
 
@@ -53,11 +53,12 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     arch = ckpt["model_info"]["model"]
     data = checkpoint_data(ckpt, checkpoint)
     test = load_split(data, "test")
-    images = Normalizer(test.mean, test.std)(test.images).numpy()
+    prepare = model_input(ckpt["model_info"], test)
+    images = prepare(test.images).numpy()
     labels = test.labels.numpy()
     reference = predict(eager_runtime_of(model), images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
-                                      cfg.calibration_seed) if cfg.calibration_cache else None)
+                                      cfg.calibration_seed, prepare) if cfg.calibration_cache else None)
     with atomic_folder(Path(cfg.out) / name) as tmp:
         job = ExportJob(model, torch.from_numpy(images[:2]), tmp, cfg, arch, threads, calibration)
         runtimes = {key: _runtime_metrics(job, spec, images, reference, labels, Path(checkpoint))

@@ -17,7 +17,7 @@ from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, save_checkpoint, write_json
 from logitcache.core.models import layer_channels
-from logitcache.core.views import Normalizer
+from logitcache.core.preprocess import model_input
 from logitcache.deploy.export import checkpoint_data
 from logitcache.deploy.measure import predict, torch_runtime
 
@@ -28,7 +28,7 @@ def prune_checkpoint(params: Params, checkpoint: str | Path) -> dict:
     model, ckpt = load_model(checkpoint)
     info = ckpt["model_info"]
     test = load_split(checkpoint_data(ckpt, checkpoint), "test")
-    images = Normalizer(test.mean, test.std)(test.images)
+    images = model_input(info, test)(test.images)
     before = _summary(model, images, test.labels)
     prune_model(model, images[:2], cfg.ratio, info)
     after = _summary(model, images, test.labels)

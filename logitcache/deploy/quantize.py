@@ -33,8 +33,9 @@ class _Batches(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def calibration_images(cache_path: str, train: Split, count: int, seed: int) -> np.ndarray:
-    """`count` seeded (sample, view) pairs of the training cache, rendered and normalised (float32)."""
+def calibration_images(cache_path: str, train: Split, count: int, seed: int, prepare=None) -> np.ndarray:
+    """`count` seeded (sample, view) pairs of the training cache, rendered and normalised (float32) by `prepare`
+    (default: the data's normalisation)."""
     with Cache(cache_path) as cache:
         cache.check_matches(train)
         views = cache.view_params()
@@ -43,7 +44,7 @@ def calibration_images(cache_path: str, train: Split, count: int, seed: int) -> 
     rows = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
     chosen = rng.integers(0, views.shape[1], size=len(rows))
     images = render_batch(ViewRenderer(spec), train.images[rows], views[rows, chosen])
-    return Normalizer(train.mean, train.std)(images).numpy()
+    return (prepare or Normalizer(train.mean, train.std))(images).numpy()
 
 
 def quantize(fp32: Path, int8: Path, input_name: str, calibration: np.ndarray | None) -> str:

@@ -13,6 +13,7 @@ from logitcache.core.config import DataConfig, validate
 from logitcache.core.data import Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
+from logitcache.core.preprocess import model_input
 from logitcache.core.speed import latency, torch_runtime
 from logitcache.core.training import place, score_split, select_device, topk_accuracy
 from logitcache.core.views import Normalizer
@@ -27,7 +28,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    scored = score_split(model, test, device)
+    scored = score_split(model, test, device, model_input(model_info or {}, test))
     logits, labels = scored.logits, scored.labels
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
@@ -51,7 +52,8 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
 
 def _check_fits(info: dict, test: Split) -> None:
     """A model for other classes or channels would be scored against the wrong labels, or crash mid-run."""
-    if (info["num_classes"], info["in_channels"]) != (test.num_classes, test.channels):
+    channels = test.channels if "preprocess" in info else info["in_channels"]  # a teacher converts grey to RGB
+    if (info["num_classes"], channels) != (test.num_classes, test.channels):
         raise LogitcacheError(f"checkpoint model {info['model']} has {info['num_classes']} classes and "
                               f"{info['in_channels']} channel(s), the test data {test.dataset} has {test.num_classes} "
                               f"classes and {test.channels} channel(s); evaluate it on the data it was trained on")

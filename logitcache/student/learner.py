@@ -7,7 +7,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.cache.format import form_dataset
 from logitcache.cache.reader import Cache
@@ -16,7 +15,7 @@ from logitcache.core.data import Split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model
-from logitcache.core.models import build_model, feature_nodes
+from logitcache.core.models import build_model, feature_extractor, feature_nodes
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import StepOut, autocast, place, to_input
 from logitcache.core.views import Normalizer
@@ -59,7 +58,7 @@ def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple
     if unknown:
         raise LogitcacheError(f"unknown student layer(s) {', '.join(map(repr, unknown))} for {cfg.model}; "
                               f"valid names: {', '.join(nodes)}")
-    extractor = place(create_feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
+    extractor = place(feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
                       device)
     with torch.no_grad():
         probe = extractor.eval()(Normalizer(train.mean, train.std)(train.images[:2].to(device)))
@@ -111,7 +110,7 @@ class Stepper:
         progress, self.step = self.progress(self.step), self.step + 1
         x = to_input(batch.images, self.device, self.prepare)
         if self.teacher_for is not None:
-            teacher = self.teacher_for(x)
+            teacher = self.teacher_for(batch.images)  # the teacher renders its own input from the same view
         else:
             teacher = TeacherOut([t.to(self.device) for t in batch.logits],
                                  {key: v.to(self.device) for key, v in batch.features.items()})

@@ -9,13 +9,14 @@ import torch
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.training import place
+from logitcache.core.training import place, to_input
 from logitcache.student.methods import TeacherOut
 from logitcache.student.plan import Plan
 
 
 def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Callable[[torch.Tensor], TeacherOut]:
-    """The teacher's targets for a batch of inputs, rounded as cached."""
+    """The teacher's targets for a batch of uint8 views, rendered with the teacher's own preprocessing and rounded as
+    cached."""
     info = plan.cache
     if len(cfg.caches) > 1 or info.topk:
         raise LogitcacheError("--online reproduces a single full-logit cache; use one cache without topk")
@@ -25,10 +26,11 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     wanted = plan.needs.teacher
     extractor = place(FeatureTaker(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
     dtype = getattr(torch, info.logits_dtype)
+    teacher_input = teacher.input_for(plan.train)
 
     @torch.no_grad()
-    def targets(x: torch.Tensor) -> TeacherOut:
-        out = extractor(x)
+    def targets(images: torch.Tensor) -> TeacherOut:
+        out = extractor(to_input(images, device, teacher_input))
         return TeacherOut([out["logits"].float().to(dtype).float()] if plan.needs.logits else [],
                           {t: stored_form(out[t.layer].float(), t.form, info.layers[t.layer]).float() for t in wanted})
 

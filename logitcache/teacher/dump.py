@@ -25,7 +25,6 @@ from logitcache.core.forms import FORMS
 from logitcache.core.io import check_output_folder
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
-    Normalizer,
     ViewRenderer,
     ViewSpec,
     code_dtype,
@@ -105,7 +104,7 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
     taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()
-    prepare = Normalizer(split.mean, split.std)
+    prepare = teacher.input_for(split)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
     layers, classes = _layer_records(taker, specs, split, prepare, device)
     record = _metadata(cfg, teacher, split, spec, vparams, layers)
@@ -191,18 +190,26 @@ def _verify_and_finish(writer: CacheWriter, job: SplitJob, beat: shards.Beat = s
 
 
 def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
-    """Refuse, before any work, a teacher that is not the configured one or was made for other data or inputs."""
+    """Refuse, before any work, a teacher that is not the configured one or was made for other data or inputs.
+
+    A teacher logitcache trained must be `teacher.model`, trained on this data; an imported one (from
+    import-teacher) was made elsewhere and only has to fit the data's classes and channels."""
     cfg, info, path = params.dump, teacher.info, params.dump.teacher
-    if info["model"] != params.teacher.model:
+    if "source" not in info and info["model"] != params.teacher.model:
         raise LogitcacheError(f"teacher checkpoint {path} holds a {info['model']} but teacher.model is "
                               f"{params.teacher.model}; set teacher.model={info['model']} or retrain the teacher")
     made_on = info.get("dataset", {}).get("name")
-    if made_on != split.dataset:
+    if "dataset" in info and made_on != split.dataset:
         raise LogitcacheError(f"teacher {path} was trained on '{made_on}' but the data set is '{split.dataset}'; "
                               "use a teacher trained on this data")
-    if info["num_classes"] != split.num_classes or info["in_channels"] != split.channels:
+    if "source" in info and info["num_classes"] != split.num_classes:
+        raise LogitcacheError(f"teacher {path} has {info['num_classes']} outputs, the data has {split.num_classes} "
+                              "classes; import it with --class-map (data class -> teacher output index)")
+    channels = split.channels if teacher.preprocess else info["in_channels"]  # a recorded preprocessing converts
+    if info["num_classes"] != split.num_classes or channels != split.channels:
         raise LogitcacheError(f"teacher {path} has {info['num_classes']} classes/{info['in_channels']} channels, "
                               f"data has {split.num_classes}/{split.channels}; retrain the teacher on this data")
+    teacher.input_for(split)  # refuses channel counts it cannot convert
     if "mean" in info and (info["mean"], info["std"]) != (list(split.mean), list(split.std)):
         raise LogitcacheError(f"teacher {path} was trained with normalisation mean {info['mean']} std {info['std']}, "
                               f"the data has mean {list(split.mean)} std {list(split.std)}; retrain the teacher on this data")
@@ -246,7 +253,9 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
         "teacher": teacher.identity(),
         "dataset": split.identity(),
         "transform": {"normalize": {"mean": list(split.mean), "std": list(split.std)}, "augment": spec.to_json(),
-                      "input": "uint8 view -> float32 / 255 -> normalize"},
+                      "preprocess": teacher.preprocess_for(split).to_json(),
+                      "input": "uint8 view -> teacher preprocess (resize, center crop, grey to RGB where the teacher "
+                               "needs it, float32 / 255, its mean and std); normalize is the data set's"},
         "views": {"count": int(vparams.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
                   else ("eval" if vparams.shape[1] == 1 else "random"),
                   "seed": cfg.seed, "eval_view": eval_view(vparams, spec),

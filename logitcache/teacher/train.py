@@ -20,7 +20,6 @@ from logitcache.core.config import Params, TeacherConfig, save_config
 from logitcache.core.data import IndexedDataset, Split, holdout, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
-from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
     Scored,
@@ -41,7 +40,9 @@ from logitcache.core.training import (
     train_steps,
     validation_scorer,
 )
-from logitcache.core.views import Normalizer, ViewSpec
+from logitcache.core.preprocess import TeacherInput
+from logitcache.core.views import ViewSpec
+from logitcache.teacher.init import Start, initial_teacher
 
 CHECKPOINT = "teacher.pt"
 
@@ -57,11 +58,11 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
     if not dist.is_main:
         return {}
     selected = run.selector.restore()
-    scored = score_split(run.model, load_split(params.data, "test"), run.device)  # once, on the selected weights
+    scored = score_split(run.model, load_split(params.data, "test"), run.device, run.prepare)  # once, selected weights
     metrics = {**scored.accuracy(), **selected, "params": sum(p.numel() for p in run.model.parameters()),
                "steps": run.cfg.epochs * len(run.loader), "train_seconds": sum(h["seconds"] for h in history),
                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history), "device": run.device.type,
-               "world_size": dist.world_size}
+               "world_size": dist.world_size, **({"init_val_acc": history[0].get("init_val_acc")} if run.cfg.init else {})}
     _write_outputs(run, metrics, scored, history)
     run.checkpointer.discard()
     return metrics
@@ -75,9 +76,10 @@ class TeacherRun:
     dist: Dist
     device: torch.device
     train: Split
+    start: Start  # the architecture's first weights: fresh, or teacher.init's
     model: nn.Module
     trained: nn.Module  # the model, wrapped in DDP under torchrun
-    prepare: Normalizer
+    prepare: TeacherInput
     loader: DataLoader
     sampler: DistributedSampler | None
     optimizer: torch.optim.Optimizer
@@ -97,18 +99,20 @@ class TeacherRun:
         train = load_split(params.data, "train")
         train_rows, validation_rows = holdout(params.data, len(train))
         seed_everything(cfg.seed)
-        model = place(build_model(cfg.model, train.channels, train.num_classes), device)
+        start = initial_teacher(cfg, train)
+        model = place(start.model, device)
         trained = data_parallel(model, device, dist)
         loader, sampler = _loader(cfg, train, train_rows, device, dist)
-        optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
-        selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device))
+        prepare = TeacherInput(start.preprocess, train.channels)
+        optimizer, scheduler = make_optimizer(start.parameter_groups(cfg), cfg, cfg.epochs * len(loader))
+        selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device, prepare))
         config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
         checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"],
                                     {**config, "world_size": dist.world_size},
                                     {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                      "selector": selector}, dist)
-        return cls(params, dist, device, train, model, trained, Normalizer(train.mean, train.std), loader, sampler,
-                   optimizer, scheduler, selector, config, checkpointer)
+        return cls(params, dist, device, train, start, model, trained, prepare, loader, sampler, optimizer, scheduler,
+                   selector, config, checkpointer)
 
     def step(self, batch) -> StepOut:
         images, labels, _ = batch
@@ -121,12 +125,13 @@ class TeacherRun:
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training rows (each rank its own augmentations), then the validation score."""
         cfg, dist = self.cfg, self.dist
+        before = _score_init(self.selector) if cfg.init and epoch == 0 and dist.is_main else {}
         seed_epoch(cfg.seed, dist.rank, epoch, self.loader.generator)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         stats = train_steps(self.trained, self.loader, self.step, self.optimizer, self.scheduler,
                             first_step=epoch * len(self.loader), desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
-        stats["epoch"] = epoch + 1
+        stats.update(epoch=epoch + 1, **before)
         if dist.is_main:
             scored = self.selector.evaluate(epoch + 1, stats)
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} train {stats['train_acc']:.4f} "
@@ -152,7 +157,17 @@ def _write_outputs(run: TeacherRun, metrics: dict, scored: Scored, history: list
     write_confusion(out / "confusion.json", scored.labels, scored.logits.argmax(1))
     write_json(out / "history.json", history)
     save_config({"data": run.params.data, "teacher": cfg}, out / "config.json")
-    model_info = {"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
-                  "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std)}
+    model_info = {"model": cfg.model, "in_channels": run.start.in_channels, "num_classes": train.num_classes,
+                  "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std),
+                  "preprocess": run.start.preprocess.to_json(), **run.start.inherited}
     save_checkpoint(out / CHECKPOINT, {k: v.cpu() for k, v in run.model.state_dict().items()}, run.config,
                     model_info=model_info)
+
+
+def _score_init(selector: Selector) -> dict:
+    """The starting weights scored on the validation split before any step (round 0 of the selection, so
+    fine-tuning that does not help keeps them)."""
+    scores: dict = {}
+    selector.evaluate(0, scores)
+    print(f"init: {scores.get('val_acc')} validation accuracy before fine-tuning", flush=True)
+    return {"init_val_acc": scores.get("val_acc")}
