@@ -16,7 +16,6 @@ from logitcache.core.io import load_model, write_confusion
 from logitcache.core.preprocess import model_input
 from logitcache.core.speed import latency, torch_runtime
 from logitcache.core.training import place, score_split, select_device, topk_accuracy
-from logitcache.core.views import Normalizer
 
 LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap figure, export times it at length
 
@@ -28,7 +27,8 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    scored = score_split(model, test, device, model_input(model_info or {}, test))
+    prepare = model_input(model_info or {}, test)
+    scored = score_split(model, test, device, prepare)
     logits, labels = scored.logits, scored.labels
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
@@ -45,7 +45,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    image = Normalizer(test.mean, test.std)(test.images[:1]).numpy()[0]
+    image = prepare(test.images[:1]).numpy()[0]
     metrics.update(latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS))
     return metrics
 
