@@ -46,7 +46,8 @@ def test_export_matches_pytorch_and_reports_int8(data_cfg, cache_dir, student_ck
 
     metrics = export_checkpoint(_params(data_cfg, cache_dir, tmp_path), student_ckpt, "kd")
     folder = tmp_path / "deploy" / "kd"
-    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "model.int8.onnx", "model.onnx", "model.pt2"]
+    assert sorted(p.name for p in folder.iterdir()) == [".logitcache-outputs.json", "metrics.json", "model.int8.onnx",
+                                                        "model.onnx", "model.pt2"]
     images, labels = _test_inputs(data_cfg)
     model, _ = load_model(student_ckpt)
     with torch.no_grad():

@@ -311,6 +311,19 @@ class Params(Section):
     pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
                                          "cache (init: the output of logitcache prune)")
 
+    @field_validator("students")
+    @classmethod
+    def _names_are_plain(cls, students):
+        """A student's name is also the name of its export folder (summarize reads <export.out>/<name>/)."""
+        from logitcache.core.io import plain_name
+
+        for name in students:
+            try:
+                plain_name(name, "student name")
+            except LogitcacheError as e:
+                raise ValueError(str(e)) from None
+        return students
+
     @model_validator(mode="after")
     def _selection_needs_validation(self):
         if self.data.validation == 0:

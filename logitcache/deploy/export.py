@@ -19,16 +19,28 @@ from torch import nn
 from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import atomic_folder, load_model, write_json
+from logitcache.core.io import atomic_folder, check_output_folder, claim_files, load_model, output_lock, plain_name, write_json
 from logitcache.core.views import Normalizer
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
 
 INPUT = "images"
+FILES = ("model.onnx", "model.pt2", "model.int8.onnx", "metrics.json")
 
 
 def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict:
-    """Export, check and time CHECKPOINT into <export.out>/<name>/; returns its metrics."""
+    """Export, check and time CHECKPOINT into <export.out>/<name>/; returns its metrics.
+
+    Only the files an earlier export wrote there are replaced; others in that folder are kept.
+    """
+    out = Path(params.export.out) / plain_name(name, "export --name")
+    check_output_folder(out, "export.out")
+    claim_files(out, FILES, "export", "export --name")
+    with output_lock(out, "export"):
+        return _export(params, checkpoint, out)
+
+
+def _export(params: Params, checkpoint: str | Path, out: Path) -> dict:
     cfg = params.export
     threads = _set_threads(cfg)
     model, ckpt = load_model(checkpoint)
@@ -45,7 +57,7 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     def timed(run: Runtime) -> dict:
         return speed(run, images[0], cfg.latency_runs, cfg.throughput_runs, cfg.warmup_runs)
 
-    with atomic_folder(Path(cfg.out) / name) as tmp:
+    with atomic_folder(out, "export", "export --name", FILES) as tmp:
         example = torch.from_numpy(images[:2])
         export_onnx(model, example, tmp / "model.onnx", cfg.opset, arch)
         export_program(model, example, tmp / "model.pt2", arch)
