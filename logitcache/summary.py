@@ -7,7 +7,7 @@ from pathlib import Path
 
 from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import check_output_folder, write_json
+from logitcache.core.io import check_output_folder, output_lock, write_json
 
 COLUMNS = ("test_acc", "val_acc", "agreement", "kl_to_teacher", "params", "compression", "latency_ms", "steps",
            "train_seconds",
@@ -18,6 +18,11 @@ def summarize(params: Params, out: str | Path = "data/summary") -> dict:
     """Collect the teacher's and every student's metrics.json, and their exports' where exported (logitcache
     export --name <row>); write <out>/metrics.json and summary.md."""
     check_output_folder(out, "summarize --out")
+    with output_lock(out, "summarize"):
+        return _summarize(params, out)
+
+
+def _summarize(params: Params, out: str | Path) -> dict:
     rows = {"teacher": {"model": params.teacher.model, "mode": "teacher", **_read(Path(params.teacher.out))}}
     students = {**params.students, **({"pruned": params.pruned} if params.pruned else {})}
     for name, cfg in students.items():

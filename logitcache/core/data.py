@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from logitcache.core.config import DataConfig
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import check_output_folder
+from logitcache.core.io import check_output_folder, output_lock
 
 SPLITS = ("train", "test")
 
@@ -126,6 +126,11 @@ def prepare_data(cfg: DataConfig) -> dict:
         check_output_folder(source, "data.source (data.download: true writes the raw files there)")
     if not cfg.download and not Path(source).exists():
         raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
+    with output_lock(dataset_dir(cfg), "prepare-data"):
+        return _prepare(cfg, spec, source)
+
+
+def _prepare(cfg: DataConfig, spec: DatasetSpec, source) -> dict:
     out = dataset_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"dataset": cfg.dataset, "source": str(source), "splits": {}}

@@ -25,7 +25,7 @@ from logitcache.core.data import Split, holdout, load_split, split_identity
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.io import check_output_folder, load_checkpoint, load_model, save_checkpoint, write_json
+from logitcache.core.io import check_output_folder, load_checkpoint, load_model, output_lock, save_checkpoint, write_json
 from logitcache.core.models import build_model, feature_nodes, layer_channels
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import (
@@ -73,6 +73,11 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
     every rank trains on its part of each global batch (DDP); rank 0 alone evaluates and
     writes. Returns the metrics on rank 0 and {} on the others.
     """
+    with output_lock(params.student(name).out, "train-student", hold=dist.is_main):
+        return _train_student(params, name, resume, dist, jobs)
+
+
+def _train_student(params: Params, name: str, resume: bool, dist: Dist, jobs: int) -> dict:
     cfg = params.student(name)
     out = Path(cfg.out)
     check_output_folder(out, f"students.{name}.out")

@@ -21,7 +21,7 @@ from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
-from logitcache.core.io import check_output_folder
+from logitcache.core.io import check_output_folder, output_lock
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
     Normalizer,
@@ -59,8 +59,9 @@ def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
     dumps its shard of each split and rank 0 merges the shards into the same cache.
     """
     check_output_folder(params.dump.out, "dump.out")
-    teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
-    return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
+    with output_lock(params.dump.out, "dump-teacher", hold=dist.is_main):
+        teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
+        return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
 
 
 def cache_path(cfg: DumpConfig, split: str) -> Path:

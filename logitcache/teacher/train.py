@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler, Subset
 from logitcache.core.config import Params, save_config
 from logitcache.core.data import IndexedDataset, holdout, load_split
 from logitcache.core.distributed import Dist
-from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
+from logitcache.core.io import check_output_folder, output_lock, save_checkpoint, write_confusion, write_json
 from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
@@ -42,6 +42,11 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
 
     Under torchrun each rank trains on its part of every global batch (DDP); rank 0 writes.
     """
+    with output_lock(params.teacher.out, "train-teacher", hold=dist.is_main):
+        return _train_teacher(params, resume, dist)
+
+
+def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
     cfg = params.teacher
     out = Path(cfg.out)
     check_output_folder(out, "teacher.out")
