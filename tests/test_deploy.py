@@ -184,3 +184,11 @@ def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path)
     assert flat["kd"]["onnx_bytes"] == 40960 and flat["kd"]["int8_latency_ms"] == 0.08 and "onnx_bytes" not in flat["teacher"]
     table = (tmp_path / "summary" / "summary.md").read_text()
     assert "| 40.0 / 20.0 | 0.30 | 0.300 / 0.100 / 0.080 |" in table
+
+
+def test_a_pruning_ratio_that_empties_every_layer_asks_for_a_smaller_ratio():
+    from logitcache.core.errors import LogitcacheError
+
+    with pytest.raises(LogitcacheError, match=r"ratio 0.999 removes no channel of resnet8 .*; give a smaller ratio$"):
+        prune_model(build_model("resnet8", 1, 10), torch.randn(2, 1, 28, 28), 0.999,
+                    {"model": "resnet8", "num_classes": 10})

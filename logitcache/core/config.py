@@ -21,7 +21,7 @@ DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN and infinity are never a setting
 
 
 def _known_model(name: str) -> str:
@@ -408,12 +408,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise LogitcacheError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LogitcacheError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); close its "
+                              "brackets or quotes, e.g. seeds=[0, 1]") from None
 
 
 def _sets(target: str, key: str) -> bool:
-    """Whether an override of `target` sets `key` (itself, or a key inside that section)."""
-    return key == target or key.startswith(target + ".")
+    """Whether an override of `target` sets `key` (itself, a key inside that section, or the unknown section
+    `target` is inside)."""
+    return key == target or key.startswith(target + ".") or target.startswith(key + ".")
 
 
 def _one_line(error: ValidationError) -> tuple[str, str]:

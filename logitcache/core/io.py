@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -207,12 +208,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise LogitcacheError(f"checkpoint {path} does not exist or is not a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on a refused file is replaced by our one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickle carrying code, or a damaged file
         raise LogitcacheError(f"checkpoint {path} {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
         raise LogitcacheError(f"checkpoint {path} is not a logitcache checkpoint (no state_dict/config)")
-    ckpt["config"] = json.loads(ckpt["config"])
+    try:
+        ckpt["config"] = json.loads(ckpt["config"])
+    except (TypeError, ValueError):
+        ckpt["config"] = None
+    if not isinstance(ckpt["config"], dict):
+        raise LogitcacheError(f"checkpoint {path}: its config is not a JSON object; the file is damaged or was not "
+                              "written by logitcache: retrain it or copy it again")
     return ckpt
 
 

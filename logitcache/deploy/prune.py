@@ -73,7 +73,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, ratio: float, info: dic
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise LogitcacheError(f"model {info['model']} cannot be pruned with torch-pruning: {reason[:200]}") from None
     if sum(p.numel() for p in model.parameters()) >= before:
-        raise LogitcacheError(f"pruning ratio {ratio} removes no channel of {info['model']}; give a larger ratio")
+        why, fix = (("would empty its layers, so none is removed", "a smaller") if ratio > 0.5
+                    else ("rounds to no channel of any layer", "a larger"))
+        raise LogitcacheError(f"pruning ratio {ratio} removes no channel of {info['model']} (it {why}); give {fix} "
+                              "ratio")
     return model
 
 
