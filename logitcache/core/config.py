@@ -70,6 +70,10 @@ class AugmentConfig(Section):
             name = op.get("name")
             if not isinstance(name, str) or not hasattr(v2, name):
                 raise ValueError(f"policy op {op!r} needs 'name:' set to a torchvision.transforms.v2 class")
+            try:
+                getattr(v2, name)(**{k: v for k, v in op.items() if k != "name"})
+            except (TypeError, ValueError) as e:  # built once here, so that no run fails at its first image
+                raise ValueError(f"policy op {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return ops
 
 

@@ -27,6 +27,7 @@ from logitcache.core.views import (
     Normalizer,
     ViewRenderer,
     ViewSpec,
+    check_view_count,
     code_dtype,
     crop_flip_codes,
     eval_view,
@@ -102,6 +103,7 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     _check_teacher_fits(teacher, split, params)
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
+    check_view_count(spec, views, "dump.views")
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
     taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
 
 from logitcache.core.config import Params, save_config
-from logitcache.core.data import IndexedDataset, holdout, load_split
+from logitcache.core.data import IndexedDataset, check_prepared, holdout, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.io import check_output_folder, output_lock, save_checkpoint, write_confusion, write_json
 from logitcache.core.models import build_model
@@ -50,6 +50,7 @@ def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
     cfg = params.teacher
     out = Path(cfg.out)
     check_output_folder(out, "teacher.out")
+    check_prepared(params.data)  # both splits, before the first step
     device = select_device(cfg.device, dist)
     train = load_split(params.data, "train")
     train_rows, validation_rows = holdout(params.data, len(train))
