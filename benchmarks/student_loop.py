@@ -43,7 +43,8 @@ from logitcache.core.models import build_model
 from logitcache.core.training import make_optimizer, place
 from logitcache.student.losses import masked_ce
 from logitcache.student.methods.kd import kd_loss
-from logitcache.student.train import labeled_mask, train_student
+from logitcache.student.plan import labeled_mask
+from logitcache.student.train import train_student
 
 BATCH, MODEL, PADDING, TEMPERATURE, ALPHA = 128, "cnn_tiny", 2, 4.0, 0.9
 

@@ -130,7 +130,7 @@ def trained_on(monkeypatch):
     import numpy as np
 
     from logitcache.student.batches import StudentBatches
-    from logitcache.student.train import Learner
+    from logitcache.student.learner import Learner
 
     pairs, steps = [], []
     getitem, forward = StudentBatches.__getitem__, Learner.forward

@@ -21,7 +21,7 @@ from logitcache.student.methods import (
 )
 from logitcache.student.methods.fitnets import Adapter, hint_distance
 from logitcache.student.methods.kd import kd_loss
-from logitcache.student.train import Learner
+from logitcache.student.learner import Learner
 
 
 def _softmax64(x, t):
@@ -140,7 +140,7 @@ def test_learner_sums_ce_and_weighted_methods_computed_separately():
     at = Progress(0.5, 1.0)
     total, logits, terms = learner(x, teacher, batch, at)
 
-    out = learner.taker(x)  # the same forward, its parts computed separately
+    out = learner.extractor(x)  # the same forward, its parts computed separately
     s64, t64 = out["logits"].double().detach().numpy(), teacher.logits[0].double().numpy()
     ce = masked_ce(out["logits"], batch.labels, batch.labeled).item()
     kd = _kd_reference(s64, t64, 3.0)  # temperature halfway from 4 to 2

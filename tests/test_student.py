@@ -10,11 +10,13 @@ from click.testing import CliRunner
 from logitcache.cache.format import form_dataset
 from logitcache.cli import main
 from logitcache.core.config import validate
-from logitcache.core.data import holdout
+from logitcache.core.data import holdout, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewRenderer, ViewSpec
 from logitcache.student.methods import TeacherInput
-from logitcache.student.train import _batches, labeled_mask, plan_run, train_student
+from logitcache.student.plan import labeled_mask, plan_run
+from logitcache.student.sources import make_batches
+from logitcache.student.train import train_student
 from logitcache.teacher.dump import ViewDataset, dump_teacher
 
 
@@ -68,11 +70,12 @@ def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cac
     cfg = params.students["s"]
     plan = plan_run(params, cfg, "s")
     split = plan.train
-    dataset, sampler = _batches(cfg, plan)
-    dumped = ViewDataset(split, plan.cache["views"], ViewRenderer(ViewSpec(2, True)))
+    dataset, sampler = make_batches(cfg, plan)
+    dumped = ViewDataset(split, plan.cache.views, ViewRenderer(ViewSpec(2, True)))
     sampler.set_epoch(1)
     pairs = next(iter(sampler))
-    images, labels, labeled, rows, logits, features = dataset[pairs]
+    batch = dataset[pairs]
+    images, rows, logits, features = batch.images, batch.rows, batch.logits, batch.features
     assert rows.tolist() == [row for row, _ in pairs]
     assert len({v for _, v in pairs}) > 1
     with h5py.File(cache_dir / "train.h5") as f:
@@ -86,12 +89,26 @@ def test_replayed_views_fed_to_the_student_equal_the_dumped_inputs(data_cfg, cac
 def test_round_robin_cycles_views_and_random_varies(data_cfg, cache_dir, tmp_path):
     from logitcache.student.batches import ViewBatchSampler
 
+    def views_by_row(sampler, epoch):
+        sampler.set_epoch(epoch)
+        return {int(r): int(v) for batch in sampler for r, v in batch}
+
     rr = ViewBatchSampler(np.arange(10), 3, 4, "round_robin", 0)
-    seen = []
-    for epoch in range(3):
-        rr.set_epoch(epoch)
-        seen.append({r: v for batch in rr for r, v in batch})
-    assert all(sorted(seen[e][r] for e in range(3)) == [0, 1, 2] for r in range(10))
+    for epoch in range(3):  # row r shows view (r + epoch) mod 3: every view once in 3 epochs
+        assert views_by_row(rr, epoch) == {r: (r + epoch) % 3 for r in range(10)}
+    rows = np.arange(300)
+    random = ViewBatchSampler(rows, 3, 50, "random", 0)
+    drawn = [views_by_row(random, epoch) for epoch in range(3)]
+    assert all(d.keys() == set(range(300)) for d in drawn)  # every row once per epoch
+    assert drawn[0] == views_by_row(ViewBatchSampler(rows, 3, 50, "random", 0), 0)  # a function of (seed, epoch)
+    assert drawn[0] != views_by_row(ViewBatchSampler(rows, 3, 50, "random", 1), 0)  # and of the seed
+    for epoch, views in enumerate(drawn):
+        counts = np.bincount(list(views.values()), minlength=3)
+        assert counts.min() > 60  # each of the 3 views about a third of the rows, not one view for all
+        cyclic = sum(v == (r + epoch) % 3 for r, v in views.items())
+        assert cyclic < 150  # not the round-robin order (about a third agree by chance)
+    changed = sum(drawn[0][r] != drawn[1][r] for r in range(300))
+    assert 150 < changed < 250  # a row's view is drawn afresh each epoch: it changes for about 2/3 of the rows
 
 
 def test_labeled_fraction_masks_ce_rows(tmp_path):
@@ -114,10 +131,18 @@ def test_labeled_fraction_masks_ce_rows(tmp_path):
         labeled_mask(explicit, 600, train_rows)
 
 
-def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_dir, tmp_path):
+def test_ce_with_labeled_fraction_trains_on_labeled_rows_only(data_cfg, cache_dir, tmp_path, trained_on):
     metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, loss={}, epochs=1,
                                            labeled_fraction=0.25), "s")
     assert metrics["labeled"] == 135  # a quarter of the 540 rows left after the 60 validation rows
+    train_rows, held = holdout(data_cfg, 600)
+    labeled = np.random.default_rng(0).permutation(train_rows)[:135]  # the documented draw, labels_seed 0
+    rows = np.concatenate([step["batch"].rows.numpy() for step in trained_on])
+    assert sorted(rows.tolist()) == sorted(labeled.tolist())  # one pass: each labeled row once, no other row
+    assert not np.isin(rows, held).any()
+    assert all(bool(step["batch"].labeled.all()) for step in trained_on)  # CE used every label it was shown
+    shown = torch.cat([step["batch"].labels for step in trained_on])
+    assert torch.equal(shown, load_split(data_cfg, "train").labels[rows])  # each row with its own label
 
 
 @pytest.mark.slow
@@ -196,9 +221,34 @@ def test_over_budget_columns_read_from_disk_equal_in_memory(cache_dir):
         assert clone._cache is None and np.array_equal(clone.take(rows, views).numpy(), disk.take(rows, views).numpy())
 
 
-def test_workers_read_the_cache_lazily(data_cfg, cache_dir, tmp_path):
-    params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT}, epochs=1, workers=1, feature_budget_mb=0)
-    assert train_student(params, "s")["test_acc"] > 0
+def test_workers_read_the_cache_lazily(data_cfg, cache_dir, tmp_path, monkeypatch):
+    """Over budget, no column is read into memory and the main process opens no handle to read batches: each loader
+    worker opens the file at its first batch and keeps it for the next ones."""
+    import os
+
+    from logitcache.student.batches import CachedColumn
+
+    log, take = tmp_path / "takes.txt", CachedColumn.take
+
+    def logged(self, rows, views):  # runs in the worker (forked: it inherits this patch), so it logs to a file
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {self.name} {self.array is None} {self._cache is None}\n")
+        return take(self, rows, views)
+
+    monkeypatch.setattr(CachedColumn, "take", logged)
+    params = student_params(data_cfg, cache_dir, tmp_path, loss={"kd": {}, "fitnets": HINT}, epochs=1, workers=1,
+                            feature_budget_mb=0)
+    train_student(params, "s")
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert calls and all(pid != str(os.getpid()) for pid, *_ in calls)  # batches are built in workers only
+    assert all(not_in_memory == "True" for _, _, not_in_memory, _ in calls)  # over budget: nothing read into RAM
+    unopened: dict[tuple[str, str], list[str]] = {}
+    for pid, column, _, closed in calls:
+        unopened.setdefault((pid, column), []).append(closed)
+    assert {column for _, column in unopened} == {"logits", "features/layer2"}
+    for seen in unopened.values():  # each worker opens each file at its first batch, then keeps it open
+        assert seen == ["True"] + ["False"] * (len(seen) - 1)
+    assert max(map(len, unopened.values())) == 9  # one worker built the pass's 9 batches
 
 
 def cached(path, name, pairs) -> torch.Tensor:
@@ -402,13 +452,13 @@ def test_ce_augmentation_draws_fresh_views_each_epoch_the_same_whatever_the_work
     params = student_params(data_cfg, cache_dir, tmp_path, loss={}, augment=aug, epochs=2)
     cfg = params.students["s"]
     plan = plan_run(params, cfg, "s")
-    dataset, sampler = _batches(cfg, plan)
+    dataset, sampler = make_batches(cfg, plan)
     epochs = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         pairs = next(iter(sampler))
         rows, views = pairs[:, 0], pairs[:, 1]
-        images = dataset[pairs][0]
+        images = dataset[pairs].images
         drawn = RandomViews(ViewSpec(2, True), cfg.seed)[rows, views]
         assert torch.equal(images, torch.stack([ViewRenderer(ViewSpec(2, True))(plan.train.images[r], p)
                                                 for r, p in zip(rows, drawn)]))

@@ -186,7 +186,7 @@ def test_equal_budgets_give_equal_steps_whatever_the_rows(data_cfg, cache_dir, t
 
 def test_a_student_budget_resumes_at_the_evaluation_it_stopped_after(data_cfg, cache_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    import logitcache.student.train as student_train
+    import logitcache.student.run as student_train
 
     params = student_params(data_cfg, cache_dir, tmp_path, steps=30, evaluations=3)
     calls, fit = [], student_train.train_epoch

@@ -16,7 +16,7 @@ from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, load_teacher, stored_form
-from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec
+from logitcache.core.views import Normalizer, ViewRenderer
 
 
 def describe(path: str | Path) -> dict:
@@ -77,26 +77,24 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, samples
     with Cache(path) as cache:
         cache.verify_checksums()
         teacher = load_teacher(teacher_path)
-        if teacher.sha256 != cache.meta["teacher"]["checkpoint_sha256"]:
+        if teacher.sha256 != cache.teacher_sha256:
             raise LogitcacheError(f"{path} was made by another teacher checkpoint (SHA-256 differs from {teacher_path}); "
                                   "pass --teacher with the checkpoint it was made from")
-        split = load_split(data, cache.meta["dataset"]["split"])
+        split = load_split(data, cache.split)
         cache.check_matches(split)
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
         views = rng.integers(0, cache.num_views, size=len(rows))
         params = cache.view_params()[rows, views]
-        spec = ViewSpec.from_json(cache.meta["transform"]["augment"])
-        render = ViewRenderer(spec)
+        render = ViewRenderer(cache.spec)
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
-        taker = FeatureTaker(teacher.model, list(cache.layers)).eval()
+        extractor = FeatureTaker(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = taker(Normalizer(split.mean, split.std)(images))
+            out = extractor(Normalizer(split.mean, split.std)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
-        if cache.meta["topk"]:
-            k = cache.meta["topk"]
-            live_top = live.topk(k, dim=-1)
+        if cache.topk:
+            live_top = live.topk(cache.topk, dim=-1)
             max_diff = (live_top.values - cached.gather(1, live_top.indices)).abs().max().item()
         else:
             max_diff = (live - cached).abs().max().item()

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import torch
 
-from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows
+from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows, stored_forms
 from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewSpec, params_from_codes
@@ -56,6 +56,11 @@ class Cache:
         return self.meta["dataset"]["count"]
 
     @property
+    def split(self) -> str:
+        """The split the cache was made from ("train", "test")."""
+        return self.meta["dataset"]["split"]
+
+    @property
     def num_views(self) -> int:
         return self.meta["views"]["count"]
 
@@ -65,7 +70,43 @@ class Cache:
 
     @property
     def layers(self) -> dict[str, dict]:
+        """Layer name -> its record: `activation` and `forms` ({form: {shape, pooled_to or p}})."""
         return {layer["name"]: layer for layer in self.meta["layers"]}
+
+    @property
+    def stored(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        """(layer, form) -> the shape of one (sample, view), for every layer and form the cache stores."""
+        return stored_forms(self.meta)
+
+    @property
+    def spec(self) -> ViewSpec:
+        """The augmentation policy the views were drawn from (and are replayed with)."""
+        return ViewSpec.from_json(self.meta["transform"]["augment"])
+
+    @property
+    def topk(self) -> int | None:
+        """k when only the k largest logits per view are stored; None for full logits."""
+        return self.meta["topk"]
+
+    @property
+    def teacher_sha256(self) -> str:
+        """SHA-256 of the teacher checkpoint the cache was made from."""
+        return self.meta["teacher"]["checkpoint_sha256"]
+
+    @property
+    def teacher_params(self) -> int | None:
+        """The teacher's parameter count, when the dump recorded it."""
+        return self.meta["teacher"].get("params")
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """Array name -> its storage dtype name (e.g. {"logits": "float16"})."""
+        return dict(self.meta["dtypes"])
+
+    @property
+    def eval_view(self) -> int:
+        """The view that shows each sample unaugmented (0 when the dump recorded none)."""
+        return self.meta["views"]["eval_view"] or 0
 
     @property
     def identity(self) -> str:
@@ -89,7 +130,7 @@ class Cache:
     def view_params(self) -> np.ndarray:
         """(N, V, 4) int64 `(seed, top, left, flip)` of every view, for `ViewRenderer` / `render_batch`: the stored
         crop/flip codes, with each view's policy seed derived again from the dump's seed."""
-        views, spec = self.meta["views"], ViewSpec.from_json(self.meta["transform"]["augment"])
+        views, spec = self.meta["views"], self.spec
         codes = self.read("views/code")
         self._check_codes(codes, spec, views.get("eval_view"))
         return params_from_codes(codes, spec, views["seed"], views["mode"])
@@ -106,7 +147,7 @@ class Cache:
 
     def logits(self, selection=slice(None)) -> torch.Tensor:
         """Float32 logits (rows, V, C); top-k caches are expanded by `logits_from_topk`."""
-        if not self.meta["topk"]:
+        if not self.topk:
             return torch.from_numpy(self.read("logits", selection).astype(np.float32))
         return logits_from_topk(torch.from_numpy(self.read("topk_values", selection)),
                                 torch.from_numpy(self.read("topk_indices", selection)),

@@ -254,10 +254,33 @@ def split_identity(cfg: DataConfig, split: str) -> dict:
 
 
 def check_prepared(cfg: DataConfig) -> None:
-    """Every prepared split loads and matches its fingerprint: a run refuses damaged data before its first step,
-    not when it reaches the test split."""
+    """Every prepared split's files are there, whole, and hold the counts meta.json records: a run refuses damaged
+    data before its first step, not when it reaches the test split. Only the arrays' headers are read (the test
+    split's content is read once, after training, where its fingerprint is checked)."""
+    meta, folder = _read_meta(cfg), dataset_dir(cfg)
     for split in SPLITS:
-        load_split(cfg, split)
+        for part in ("images", "labels"):
+            path = folder / f"{split}_{part}.npy"
+            if _array_rows(path) != meta["splits"][split]["count"]:
+                raise LogitcacheError(f"prepared data file {path} does not hold the {meta['splits'][split]['count']} "
+                                      "rows meta.json records; rerun `logitcache prepare-data`")
+
+
+def _array_rows(path: Path) -> int:
+    """The row count of a .npy file from its header, after checking the file is as long as the header says."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            whole = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError) as e:
+        what = "is missing" if not path.exists() else f"is damaged ({str(e)[:80]})"
+        raise LogitcacheError(f"prepared data file {path} {what}; rerun `logitcache prepare-data`") from None
+    if not whole or not shape:
+        raise LogitcacheError(f"prepared data file {path} is damaged (truncated); rerun `logitcache prepare-data`")
+    return shape[0]
 
 
 PREPARED_BY = ("train_limit", "test_limit")  # data settings only prepare-data applies (imagefolder: image_size too)

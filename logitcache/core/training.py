@@ -6,8 +6,9 @@ import contextlib
 import json
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -111,14 +112,25 @@ def make_optimizer(parameters: Iterable[nn.Parameter], cfg: TrainConfig, total: 
     return optimizer, scheduler
 
 
-StepFn = Callable[[tuple], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+@dataclass
+class StepOut:
+    """What one training step's forward returns: the loss to minimise, the batch's logits and labels (for the
+    running accuracy) and, optionally, the named loss terms whose per-sample means the curves record."""
+
+    loss: torch.Tensor  # scalar
+    logits: torch.Tensor  # (B, classes)
+    labels: torch.Tensor  # (B,) int64
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+StepFn = Callable[[Any], StepOut]  # a loader batch -> its forward
 SYNC_EVERY = 25  # steps between host syncs (finiteness check, progress bar): no per-step GPU stall
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, scheduler, *, epoch: int,
                 desc: str, modules: Iterable[nn.Module] = (), dist: Dist = Dist.single(), bar: bool = True) -> dict:
-    """One pass over the loader; `step(batch)` returns (loss, logits, labels) and optionally a dict of named
-    loss terms, whose per-sample means over the epoch are returned as `loss/<name>`.
+    """One pass over the loader; `step(batch)` returns a `StepOut`, whose named loss terms' per-sample means over
+    the pass are returned as `loss/<name>`.
 
     A non-finite loss stops the run naming the epoch and the first bad step, before any
     checkpoint of a NaN model can be written. Loss and accuracy are summed over all ranks.
@@ -136,7 +148,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
     with bar:  # closed, its line cleared, however the epoch ends: an interrupt's message starts a clean line
         for i, batch in enumerate(bar):
             interrupt.check()
-            loss, logits, labels, *rest = step(batch)
+            out = step(batch)
+            loss, logits, labels = out.loss, out.logits, out.labels
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,7 +159,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, step: StepFn, optimizer, s
             with torch.no_grad():
                 first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, i)
                 totals += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double()]).nan_to_num()
-                for name, value in (rest[0] if rest else {}).items():
+                for name, value in out.terms.items():
                     term_sums[name] = term_sums.get(name, 0) + torch.as_tensor(value, device=device).double() * n
             if (i + 1) % SYNC_EVERY == 0 or i + 1 == len(loader):
                 _stop_if_non_finite(int(first_bad), epoch, desc, dist)
@@ -181,6 +194,24 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, prepare:
         outputs.append(logits.float().cpu())
         targets.append(labels)
     return torch.cat(outputs), torch.cat(targets)
+
+
+@dataclass
+class Scored:
+    """A model's float32 logits on a split, with the split's labels, in split order."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    def accuracy(self) -> dict:
+        return {"test_acc": topk_accuracy(self.logits, self.labels, 1),
+                "test_top5": topk_accuracy(self.logits, self.labels, 5)}
+
+
+def score_split(model: nn.Module, split: Split, device: torch.device) -> Scored:
+    """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split."""
+    loader = make_loader(IndexedDataset(split, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
+    return Scored(*predict(model, loader, device, Normalizer(split.mean, split.std)))
 
 
 def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device) -> Callable[[], dict]:

@@ -22,7 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from logitcache.cache.reader import Cache
 from logitcache.core.data import Split
-from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec, render_batch
+from logitcache.core.views import Normalizer, ViewRenderer, render_batch
 
 
 class _Batches(CalibrationDataReader):
@@ -38,7 +38,7 @@ def calibration_images(cache_path: str, train: Split, count: int, seed: int) -> 
     with Cache(cache_path) as cache:
         cache.check_matches(train)
         views = cache.view_params()
-        spec = ViewSpec.from_json(cache.meta["transform"]["augment"])
+        spec = cache.spec
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
     chosen = rng.integers(0, views.shape[1], size=len(rows))

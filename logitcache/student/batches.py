@@ -11,6 +11,7 @@ the sampler draws a fresh view number per row and epoch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,23 @@ from logitcache.core.views import RandomViews, ViewRenderer, render_batch
 FRESH_VIEWS = 2**62  # the view count of random augmentation: every row draws a new view number every epoch
 
 
+@dataclass
+class TrainBatch:
+    """One training batch: the rendered images, their labels, which labels CE may use, and the cached targets."""
+
+    images: torch.Tensor  # (B, C, H, W) uint8
+    labels: torch.Tensor  # (B,) int64
+    labeled: torch.Tensor  # (B,) bool: CE may use the label
+    rows: torch.Tensor  # (B,) int64 sample indices
+    logits: list[torch.Tensor] = field(default_factory=list)  # (B, classes) per cache; empty without a cache
+    features: dict = field(default_factory=dict)  # TeacherInput -> (B, ...) from the first cache
+
+    def pin_memory(self) -> "TrainBatch":  # what DataLoader calls with pin_memory on CUDA
+        return TrainBatch(self.images.pin_memory(), self.labels.pin_memory(), self.labeled.pin_memory(),
+                          self.rows.pin_memory(), [t.pin_memory() for t in self.logits],
+                          {key: t.pin_memory() for key, t in self.features.items()})
+
+
 class ViewBatchSampler(Sampler):
     """Batches of (row, view) pairs, each a (B, 2) int64 array; which view a row shows changes each epoch (random
     or round-robin), drawn here, in the main process, from (seed, epoch) alone.
@@ -36,7 +54,7 @@ class ViewBatchSampler(Sampler):
     smaller than the world is dropped on every rank alike.
     """
 
-    def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, block: int = 1,
+    def __init__(self, rows: np.ndarray, views: int, batch_size: int, mode: str, seed: int, *, block: int = 1,
                  dist: Dist = Dist.single()):
         self.rows, self.views, self.batch_size, self.mode, self.seed, self.block = rows, views, batch_size, mode, seed, block
         self.rank, self.world = dist.rank, dist.world_size
@@ -75,7 +93,8 @@ class StepStream(Sampler):
         self.passes, self.start, self.stop = passes, 0, 0
         self._pass, self._batches = None, []
 
-    def cover(self, start: int, stop: int) -> None:
+    def select(self, start: int, stop: int) -> None:
+        """The steps the next iteration yields."""
         self.start, self.stop = start, stop
 
     def __len__(self) -> int:
@@ -129,8 +148,7 @@ class CachedColumn:
 
 
 class StudentBatches(Dataset):
-    """A (B, 2) array of (row, view) pairs -> images, labels, labeled mask, rows, teacher logits per cache, teacher
-    features.
+    """A (B, 2) array of (row, view) pairs -> a `TrainBatch`.
 
     `view_params` is a cache's (N, V, 4) view table, or `RandomViews` for random augmentation; without a renderer
     the images are the training images as they are.
@@ -150,7 +168,7 @@ class StudentBatches(Dataset):
         for column in [*self.logits, *self.features.values()]:
             column.close()
 
-    def __getitem__(self, pairs: np.ndarray):
+    def __getitem__(self, pairs: np.ndarray) -> TrainBatch:
         rows, views = np.ascontiguousarray(pairs.T)
         index = torch.from_numpy(rows)
         images = self.split.images.index_select(0, index)  # index_select: a fraction of the cost of [index] on uint8
@@ -158,6 +176,6 @@ class StudentBatches(Dataset):
             images = render_batch(self.render, images, self.view_params[rows, views])
         if isinstance(self.view_params, RandomViews):  # random views have no targets: a 1-view cache's only view
             views = np.zeros_like(views)
-        return (images, self.split.labels.index_select(0, index), self.labeled.index_select(0, index), index,
-                [column.take(rows, views) for column in self.logits],
-                {name: column.take(rows, views) for name, column in self.features.items()})
+        return TrainBatch(images, self.split.labels.index_select(0, index), self.labeled.index_select(0, index), index,
+                          [column.take(rows, views) for column in self.logits],
+                          {name: column.take(rows, views) for name, column in self.features.items()})

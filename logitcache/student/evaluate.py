@@ -12,10 +12,10 @@ from torch import nn
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import DataConfig, validate
-from logitcache.core.data import IndexedDataset, Split, load_split
+from logitcache.core.data import Split, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_model, write_confusion
-from logitcache.core.training import make_loader, place, predict, select_device, topk_accuracy
+from logitcache.core.training import place, score_split, select_device, topk_accuracy
 from logitcache.core.views import Normalizer
 
 
@@ -25,26 +25,24 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    loader = make_loader(IndexedDataset(test, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    prepare = Normalizer(test.mean, test.std)
-    logits, labels = predict(model, loader, device, prepare)
+    scored = score_split(model, test, device)
+    logits, labels = scored.logits, scored.labels
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
     n_params = sum(p.numel() for p in model.parameters())
-    metrics = {"test_acc": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5),
-               "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
+    metrics = {**scored.accuracy(), "params": n_params, "agreement": None, "kl_to_teacher": None, "compression": None,
                "teacher_test_acc": None}
     if test_cache and Path(test_cache).exists():
         with Cache(test_cache) as cache:
             cache.check_matches(test)
-            teacher = cache.logits()[:, cache.meta["views"]["eval_view"] or 0]
-            teacher_params = cache.meta["teacher"].get("params")
+            teacher = cache.logits()[:, cache.eval_view]
+            teacher_params = cache.teacher_params
         metrics["agreement"] = (teacher.argmax(1) == logits.argmax(1)).float().mean().item()
         metrics["kl_to_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher, 1), log_target=True,
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    metrics.update(_speed(model, test.images[:1].shape[1:], device, prepare))
+    metrics.update(_speed(model, test.images[:1].shape[1:], device, Normalizer(test.mean, test.std)))
     return metrics
 
 

@@ -1,21 +1,31 @@
-"""Supervised teacher training: the expensive model that the cache is made from."""
+"""Supervised teacher training: the expensive model that the cache is made from.
+
+`train_teacher` reads top to bottom: build the run (`TeacherRun.build`), train epoch by epoch
+(`TeacherRun.train_epoch`), then score the selected weights on the test split (`score_split`, as the
+students are scored) and write the outputs (`_write_outputs`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Subset
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from logitcache.core.config import Params, save_config
-from logitcache.core.data import IndexedDataset, check_prepared, holdout, load_split
+from logitcache.core.config import Params, TeacherConfig, save_config
+from logitcache.core.data import IndexedDataset, Split, check_prepared, holdout, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.io import check_output_folder, output_lock, save_checkpoint, write_confusion, write_json
 from logitcache.core.models import build_model
 from logitcache.core.training import (
     Checkpointer,
+    Scored,
     Selector,
+    StepOut,
     autocast,
     data_parallel,
     fit,
@@ -23,12 +33,11 @@ from logitcache.core.training import (
     make_optimizer,
     per_rank_batch,
     place,
-    predict,
+    score_split,
     seed_epoch,
     seed_everything,
     select_device,
     to_input,
-    topk_accuracy,
     train_epoch,
     validation_scorer,
 )
@@ -47,75 +56,109 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
 
 
 def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
-    cfg = params.teacher
-    out = Path(cfg.out)
-    check_output_folder(out, "teacher.out")
+    check_output_folder(Path(params.teacher.out), "teacher.out")
     check_prepared(params.data)  # both splits, before the first step
-    device = select_device(cfg.device, dist)
-    train = load_split(params.data, "train")
-    train_rows, validation_rows = holdout(params.data, len(train))
-    seed_everything(cfg.seed)
-    model = place(build_model(cfg.model, train.channels, train.num_classes), device)
-    trained = data_parallel(model, device, dist)
-    prepare = Normalizer(train.mean, train.std)
-    augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
-    dataset = Subset(IndexedDataset(train, augment), train_rows.tolist())  # never the validation rows
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
-    loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
-                         workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
-    selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device))
-    config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
-    checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"], {**config, "world_size": dist.world_size},
-                                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "selector": selector},
-                                dist)
+    run = TeacherRun.build(params, dist)
+    history = fit(run.cfg.epochs, run.train_epoch, run.checkpointer, resume)
+    if not dist.is_main:
+        return {}
+    selected = run.selector.restore()
+    scored = score_split(run.model, load_split(params.data, "test"), run.device)  # once, on the selected weights
+    metrics = {**scored.accuracy(), **selected, "params": sum(p.numel() for p in run.model.parameters()),
+               "steps": run.cfg.epochs * len(run.loader), "train_seconds": sum(h["seconds"] for h in history),
+               "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history), "device": run.device.type,
+               "world_size": dist.world_size}
+    _write_outputs(run, metrics, scored, history)
+    run.checkpointer.discard()
+    return metrics
 
-    def step(batch):
+
+@dataclass
+class TeacherRun:
+    """A teacher run's parts, built before its first epoch."""
+
+    params: Params
+    dist: Dist
+    device: torch.device
+    train: Split
+    model: nn.Module
+    trained: nn.Module  # the model, wrapped in DDP under torchrun
+    prepare: Normalizer
+    loader: DataLoader
+    sampler: DistributedSampler | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    selector: Selector
+    config: dict  # the settings recorded in resume.pt and teacher.pt
+    checkpointer: Checkpointer
+
+    @property
+    def cfg(self) -> TeacherConfig:
+        return self.params.teacher
+
+    @classmethod
+    def build(cls, params: Params, dist: Dist) -> "TeacherRun":
+        cfg, out = params.teacher, Path(params.teacher.out)
+        device = select_device(cfg.device, dist)
+        train = load_split(params.data, "train")
+        train_rows, validation_rows = holdout(params.data, len(train))
+        seed_everything(cfg.seed)
+        model = place(build_model(cfg.model, train.channels, train.num_classes), device)
+        trained = data_parallel(model, device, dist)
+        loader, sampler = _loader(cfg, train, train_rows, device, dist)
+        optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.epochs * len(loader))
+        selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device))
+        config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
+        checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"],
+                                    {**config, "world_size": dist.world_size},
+                                    {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                                     "selector": selector}, dist)
+        return cls(params, dist, device, train, model, trained, Normalizer(train.mean, train.std), loader, sampler,
+                   optimizer, scheduler, selector, config, checkpointer)
+
+    def step(self, batch) -> StepOut:
         images, labels, _ = batch
-        images, labels = to_input(images, device, prepare), labels.to(device, non_blocking=True)
-        with autocast(device):
-            logits = trained(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        return loss, logits, labels
+        images, labels = to_input(images, self.device, self.prepare), labels.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            logits = self.trained(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        return StepOut(loss, logits, labels)
 
-    def run_epoch(epoch: int) -> dict:
-        seed_epoch(cfg.seed, dist.rank, epoch, loader.generator)  # each rank its own augmentations
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        stats = train_epoch(trained, loader, step, optimizer, scheduler, epoch=epoch + 1,
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training rows (each rank its own augmentations), then the validation score."""
+        cfg, dist = self.cfg, self.dist
+        seed_epoch(cfg.seed, dist.rank, epoch, self.loader.generator)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        stats = train_epoch(self.trained, self.loader, self.step, self.optimizer, self.scheduler, epoch=epoch + 1,
                             desc=f"teacher {epoch + 1}/{cfg.epochs}", dist=dist)
         stats["epoch"] = epoch + 1
         if dist.is_main:
-            scored = selector.evaluate(epoch + 1, stats)
+            scored = self.selector.evaluate(epoch + 1, stats)
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f} train {stats['train_acc']:.4f} "
                   f"{scored} ({stats['seconds']:.0f} s, {stats['img_per_s']:.0f} img/s)", flush=True)
         return stats
 
-    history = fit(cfg.epochs, run_epoch, checkpointer, resume)
-    if not dist.is_main:
-        return {}
-    selected = selector.restore()
-    test = load_split(params.data, "test")  # scored once, on the selected weights, after training
-    logits, labels = predict(model, make_loader(IndexedDataset(test, torch.nn.Identity()), 512, shuffle=False,
-                                                seed=cfg.seed, workers=0, device=device), device, prepare)
+
+def _loader(cfg: TeacherConfig, train: Split, rows: np.ndarray, device: torch.device,
+            dist: Dist) -> tuple[DataLoader, DistributedSampler | None]:
+    """Randomly augmented training rows (never the validation rows), each rank its part of every global batch."""
+    augment = ViewSpec.from_config(cfg.augment).random_transform(train.image_size)
+    dataset = Subset(IndexedDataset(train, augment), rows.tolist())
+    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, seed=cfg.seed, drop_last=True) if dist.active else None
+    loader = make_loader(dataset, per_rank_batch(cfg.batch_size, dist), shuffle=True, seed=cfg.seed,
+                         workers=cfg.workers, device=device, drop_last=True, sampler=sampler)
+    return loader, sampler
+
+
+def _write_outputs(run: TeacherRun, metrics: dict, scored: Scored, history: list[dict]) -> None:
+    """metrics, confusion, history and config, then teacher.pt (last: its presence means the run finished)."""
+    out, train, cfg = Path(run.cfg.out), run.train, run.cfg
+    write_json(out / "metrics.json", metrics)
+    write_confusion(out / "confusion.json", scored.labels, scored.logits.argmax(1))
+    write_json(out / "history.json", history)
+    save_config({"data": run.params.data, "teacher": cfg}, out / "config.json")
     model_info = {"model": cfg.model, "in_channels": train.channels, "num_classes": train.num_classes,
                   "dataset": train.identity(), "mean": list(train.mean), "std": list(train.std)}
-    metrics = {
-        "test_acc": topk_accuracy(logits, labels, 1),
-        "test_top5": topk_accuracy(logits, labels, 5),
-        **selected,
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": cfg.epochs * len(loader),
-        "train_seconds": sum(h["seconds"] for h in history),
-        "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
-        "device": device.type,
-        "world_size": dist.world_size,
-    }
-    write_json(out / "metrics.json", metrics)
-    write_confusion(out / "confusion.json", labels, logits.argmax(1))
-    write_json(out / "history.json", history)
-    save_config({"data": params.data, "teacher": cfg}, out / "config.json")
-    save_checkpoint(out / CHECKPOINT, {k: v.cpu() for k, v in model.state_dict().items()}, config,
-                    model_info=model_info)  # last: its presence means the run finished
-    checkpointer.discard()
-    return metrics
+    save_checkpoint(out / CHECKPOINT, {k: v.cpu() for k, v in run.model.state_dict().items()}, run.config,
+                    model_info=model_info)

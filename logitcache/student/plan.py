@@ -1,0 +1,145 @@
+"""Planning a student run: every input it reads is checked here, before any output folder is touched.
+
+`plan_run` returns a `Plan`: the training data, the validation and labeled rows, the methods and what they
+read, and (when the student distils) what the caches hold. Checks of a run's inputs belong in this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from logitcache.cache.reader import Cache
+from logitcache.core.config import Params, StudentConfig
+from logitcache.core.data import Split, holdout, load_split, split_identity
+from logitcache.core.errors import LogitcacheError
+from logitcache.core.views import ViewSpec
+from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What training needs to know of its caches (read from the first; every other one is checked to match)."""
+
+    views: np.ndarray  # (N, V, 4) view parameters, replayed by the student's batches
+    spec: ViewSpec  # the augmentation policy the views were drawn from
+    shapes: dict[TeacherInput, tuple[int, ...]]  # one sample's view of each teacher input the methods read
+    layers: dict[str, dict]  # layer name -> its record (forms and their settings)
+    topk: int | None
+    teacher_sha256: str
+    logits_dtype: str
+
+    @property
+    def num_views(self) -> int:
+        return self.views.shape[1]
+
+
+@dataclass
+class Plan:
+    """What a run needs to know before building anything: data, labeled rows, caches, methods and their needs."""
+
+    train: Split
+    validation: np.ndarray  # the held-out rows that score each evaluation, never trained on
+    labeled: np.ndarray  # bool per training row: may CE use its label
+    rows: np.ndarray  # the rows a pass iterates over (labeled ones `labeled_repeat` times)
+    methods: dict[str, MethodConfig]
+    needs: Needs  # union over the methods
+    cache: CacheInfo | None  # None for a CE-only student
+
+
+def mode_name(cfg: StudentConfig) -> str:
+    return "+".join(cfg.loss) or "ce"
+
+
+def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
+    """Validate everything the run reads, before any output folder is touched."""
+    chosen = parse_loss(cfg.loss, f"students.{name}")
+    needs = union([methods()[m].needs(c) for m, c in chosen.items()])
+    train = load_split(params.data, "train")
+    train_rows, validation = holdout(params.data, len(train))
+    cache = open_caches(cfg, train, needs) if chosen else None
+    labeled = labeled_mask(cfg, len(train), train_rows)
+    check_test_cache(params, cfg)
+    if not chosen:
+        rows = np.flatnonzero(labeled)
+    else:
+        rows = np.concatenate([train_rows, *[np.flatnonzero(labeled)] * (cfg.labeled_repeat - 1)])
+    return Plan(train, validation, labeled, rows, chosen, needs, cache)
+
+
+def check_test_cache(params: Params, cfg: StudentConfig) -> None:
+    """Checked before training, from its metadata: the test split itself is read once, after training."""
+    if cfg.test_cache and Path(cfg.test_cache).exists():
+        with Cache(cfg.test_cache) as cache:
+            cache.check_identity(split_identity(params.data, "test"))
+
+
+def union(all_needs: list[Needs]) -> Needs:
+    def unique(items):
+        return list(dict.fromkeys(items))
+    return Needs(logits=any(n.logits for n in all_needs), teacher=unique(t for n in all_needs for t in n.teacher),
+                 student=unique(s for n in all_needs for s in n.student), banks=unique(b for n in all_needs for b in n.banks))
+
+
+def labeled_mask(cfg: StudentConfig, n: int, train_rows: np.ndarray) -> np.ndarray:
+    """Which rows the CE term may use: an explicit index list, or a seeded fraction of the training rows (never a
+    validation row) shared by all student seeds."""
+    mask = np.zeros(n, dtype=bool)
+    if cfg.labeled_indices:
+        mask[_labeled_indices(Path(cfg.labeled_indices), n, train_rows)] = True
+        return mask
+    count = max(1, round(cfg.labeled_fraction * len(train_rows)))
+    mask[np.random.default_rng(cfg.labels_seed).permutation(train_rows)[:count]] = True
+    return mask
+
+
+def _labeled_indices(path: Path, n: int, train_rows: np.ndarray) -> np.ndarray:
+    if not path.is_file():
+        raise LogitcacheError(f"labeled_indices file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise LogitcacheError(f"labeled_indices file {path} must hold a non-empty JSON list of integer sample indices")
+    indices = np.asarray(values, dtype=np.int64)
+    if indices.min() < 0 or indices.max() >= n:
+        raise LogitcacheError(f"labeled_indices in {path} must be integers in [0, {n})")
+    held = np.setdiff1d(indices, train_rows)
+    if len(held):
+        raise LogitcacheError(f"labeled_indices in {path} include {len(held)} validation row(s), first "
+                              f"{held[:5].tolist()}; leave them out, or change data.validation / validation_seed")
+    return indices
+
+
+def open_caches(cfg: StudentConfig, train: Split, needs: Needs) -> CacheInfo:
+    """Check every cache against the training data and each other; return what training needs of them."""
+    if not cfg.caches:
+        raise LogitcacheError(f"students with a loss: ({', '.join(cfg.loss)}) need at least one cache in caches:")
+    first: CacheInfo | None = None
+    for path in cfg.caches:
+        with Cache(path) as cache:
+            cache.check_matches(train)
+            if first is None:
+                first = _cache_info(cfg, cache, needs)
+            elif not np.array_equal(cache.view_params(), first.views):
+                raise LogitcacheError(f"{path} holds other views than {cfg.caches[0]}; several caches must share views")
+            if cache.num_classes != train.num_classes:
+                raise LogitcacheError(f"{path} has {cache.num_classes} classes, the data has {train.num_classes}")
+    return first
+
+
+def _cache_info(cfg: StudentConfig, cache: Cache, needs: Needs) -> CacheInfo:
+    stored = cache.stored
+    missing = [str(t) for t in [*needs.teacher, *needs.banks] if (t.layer, t.form) not in stored]
+    if missing:
+        have = ", ".join(f"{layer}:{form}" for layer, form in stored) or "none"
+        raise LogitcacheError(f"{cfg.caches[0]} does not store {', '.join(missing)} (cached: {have}); dump them with "
+                              "dump.layers, e.g. {name: layer2, forms: [map, attention, embedding]}")
+    return CacheInfo(views=cache.view_params(), spec=cache.spec,
+                     shapes={t: stored[(t.layer, t.form)] for t in [*needs.teacher, *needs.banks]},
+                     layers=cache.layers, topk=cache.topk, teacher_sha256=cache.teacher_sha256,
+                     logits_dtype=cache.dtypes["logits"])
