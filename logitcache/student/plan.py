@@ -17,6 +17,7 @@ from logitcache.core.config import Params, StudentConfig
 from logitcache.core.data import Split, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewSpec
+from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
 
 
@@ -63,6 +64,7 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     cache = open_caches(cfg, train, needs) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
     check_test_cache(params, cfg)
+    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     if not chosen:
         rows = np.flatnonzero(labeled)
     else:
