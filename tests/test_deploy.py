@@ -1,5 +1,6 @@
 """Deployment: export (ONNX, .pt2, int8 ONNX), structured pruning, and distilling a pruned model from the cache."""
 
+import hashlib
 import json
 
 import onnx
@@ -171,12 +172,15 @@ def test_init_of_another_model_is_refused(data_cfg, cache_dir, teacher_ckpt, tmp
 def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path):
     from logitcache.summary import summarize
 
-    for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754}, "k": {"test_acc": 0.8, "params": 9640}}.items():
+    origin = {"teacher_sha256": None, "caches": {}, "data_fingerprint": None}
+    for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754},
+                            "k": {"test_acc": 0.8, "params": 9640, **origin}}.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "k" / "student.pt").write_bytes(b"weights")
     (tmp_path / "deploy" / "kd").mkdir(parents=True)
     (tmp_path / "deploy" / "kd" / "metrics.json").write_text(json.dumps({
-        "pytorch": {"latency_ms": 0.3}, "onnx_fp32": {"bytes": 40960, "latency_ms": 0.1},
+        "checkpoint_sha256": hashlib.sha256(b"weights").hexdigest(), "pytorch": {"latency_ms": 0.3}, "onnx_fp32": {"bytes": 40960, "latency_ms": 0.1},
         "onnx_int8": {"bytes": 20480, "acc_drop": 0.003, "latency_ms": 0.08}}))
     params = validate({"teacher": {"out": str(tmp_path / "t")}, "export": {"out": str(tmp_path / "deploy")},
                        "students": {"kd": {"model": "cnn_tiny", "epochs": 1, "out": str(tmp_path / "k")}}})

@@ -8,6 +8,7 @@ everything passed: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -77,7 +78,8 @@ def _export(params: Params, checkpoint: str | Path, out: Path) -> dict:
         for key in ("pt2", "onnx_fp32", "onnx_int8"):
             runtimes[key]["bytes"] = (tmp / runtimes[key]["file"]).stat().st_size
         runtimes["onnx_int8"]["acc_drop"] = pytorch_acc - runtimes["onnx_int8"]["test_acc"]
-        metrics = {"model": arch, "checkpoint": str(checkpoint), "params": sum(p.numel() for p in model.parameters()),
+        metrics = {"model": arch, "checkpoint": str(checkpoint),
+                   "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(), "params": sum(p.numel() for p in model.parameters()),
                    "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
                    "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
                    "int8_method": int8_method, "calibration_images": 0 if calibration is None else len(calibration),

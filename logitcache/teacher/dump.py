@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from logitcache import __version__
 from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
+from logitcache.cache.reader import Cache
 from logitcache.core import interrupt
 from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
@@ -62,7 +63,26 @@ def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
     check_output_folder(params.dump.out, "dump.out")
     with output_lock(params.dump.out, "dump-teacher", hold=dist.is_main):
         teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
+        _check_other_splits(params.dump, teacher)
         return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
+
+
+def _check_other_splits(cfg: DumpConfig, teacher: Teacher) -> None:
+    """The caches of the splits this dump leaves alone must be of the same teacher: a training and a test cache of
+    two teachers in one folder would give students targets of one and agreement scores against the other."""
+    for split in ("train", "test"):
+        path = cache_path(cfg, split)
+        if split in cfg.splits or not path.is_file():
+            continue
+        try:
+            with Cache(path) as cache:
+                made_by = cache.teacher_sha256
+        except LogitcacheError:  # damaged or busy: not this dump's to judge; its readers refuse it
+            continue
+        if made_by != teacher.sha256:
+            raise LogitcacheError(f"{path} was made by another teacher checkpoint than {cfg.teacher}; dumping only "
+                                  f"{', '.join(cfg.splits)} would leave caches of two teachers in {cfg.out}: dump every "
+                                  "split (-S dump.splits=[train,test]) or choose another dump.out")
 
 
 def cache_path(cfg: DumpConfig, split: str) -> Path:
