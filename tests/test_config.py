@@ -123,3 +123,9 @@ def test_nan_in_a_method_setting_is_refused():
 
     with pytest.raises(LogitcacheError, match=r"kd.weight.*finite number"):
         parse_loss({"kd": {"weight": float("nan")}}, "students.kd")
+
+
+def test_a_number_of_epochs_beyond_any_sensible_run_is_refused():
+    with pytest.raises(LogitcacheError, match=r"^invalid -S teacher.epochs=100000000000000000000: Input should be "
+                                              r"less than or equal to 100000"):
+        load_params(None, ["teacher.epochs=100000000000000000000"])

@@ -27,3 +27,35 @@ def test_dumping_one_split_with_another_teacher_beside_the_others_cache_is_refus
                              f"{tmp_path / 'other.pt'}; dumping only test would leave caches of two teachers in {out}: "
                              "dump every split (-S dump.splits=[train,test]) or choose another dump.out\n")
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
+
+
+def test_a_partial_dump_started_with_other_arguments_is_not_resumed_silently(data_cfg, teacher_ckpt, tmp_path,
+                                                                            monkeypatch, capsys):
+    import pytest
+
+    from logitcache.core.config import validate
+    from logitcache.core.errors import LogitcacheError
+    from logitcache.teacher.dump import dump_teacher
+    from logitcache.teacher.writer import CacheWriter
+
+    def params(views):
+        return validate({"data": data_cfg.model_dump(), "dump": {
+            "teacher": str(teacher_ckpt), "out": str(tmp_path / "cache"), "views": views, "batch_size": 96,
+            "workers": 0, "splits": ["train"], "layers": []}})
+
+    original = CacheWriter.write
+
+    def fail_after_the_first_batch(self, start, rows):
+        if start > 0:
+            raise LogitcacheError("stopped")
+        return original(self, start, rows)
+
+    monkeypatch.setattr(CacheWriter, "write", fail_after_the_first_batch)
+    with pytest.raises(LogitcacheError):
+        dump_teacher(params(2))
+    assert (tmp_path / "cache" / "train.h5.partial").is_file()
+    monkeypatch.setattr(CacheWriter, "write", original)
+    capsys.readouterr()
+    dump_teacher(params(3))
+    assert (f"{tmp_path / 'cache' / 'train.h5.partial'} not resumed (it was started with other arguments): dumping "
+            "from the first row") in capsys.readouterr().out

@@ -103,7 +103,7 @@ class TrainConfig(Section):
     """What teacher and student training share: model, optimiser, schedule, loader."""
 
     model: str = Field(description="architecture (logitcache models lists them)")
-    epochs: int = Field(ge=1, description="passes over the training rows")
+    epochs: int = Field(ge=1, le=100_000, description="passes over the training rows")
     batch_size: int = Field(128, ge=1, description="global batch: under torchrun each of N ranks takes batch_size / N")
     lr: float = Field(0.1, gt=0, description="peak learning rate of SGD with Nesterov momentum")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -129,7 +129,8 @@ class TeacherConfig(TrainConfig):
     """Phase one's model, trained with labels: train-teacher writes <out>/teacher.pt and its metrics."""
 
     model: str = Field("resnet8", description="teacher architecture (logitcache models lists them)")
-    epochs: int = Field(15, ge=1, description="passes over the training rows (the training split less the validation "
+    epochs: int = Field(15, ge=1, le=100_000, description="passes over the training rows (the training split less "
+                        "the validation "
                         "rows)")
     out: str = Field("data/teacher", description="folder of teacher.pt, metrics.json, history.json, config.json "
                      "and, while a run is unfinished, resume.pt")
@@ -223,7 +224,8 @@ class StudentConfig(TrainConfig):
     """Phase two: a student trained against one or more caches (or plain CE)."""
 
     model: str = Field("cnn_small", description="student architecture (logitcache models lists them)")
-    epochs: int = Field(10, ge=1, description="passes over the training rows: the labeled ones for ce, every cached "
+    epochs: int = Field(10, ge=1, le=100_000, description="passes over the training rows: the labeled ones for ce, "
+                        "every cached "
                         "one otherwise (ignored when steps is set)")
     steps: int | None = Field(None, ge=1, description="training length in optimizer steps (samples seen = steps x "
                               "batch_size), whatever the rows: give every student of a comparison the same; a student "

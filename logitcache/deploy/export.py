@@ -20,7 +20,8 @@ from torch import nn
 from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import atomic_folder, check_output_folder, claim_files, load_model, output_lock, plain_name, write_json
+from logitcache.core.io import (atomic_folder, check_output_folder, claim_files, load_model, output_lock, plain_name,
+                                write_json)
 from logitcache.core.views import Normalizer
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
