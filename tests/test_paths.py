@@ -8,27 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from logitcache.cli import main
 from logitcache.core.config import validate
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import OWNER_FILE, atomic_folder
 
+from refusals import assert_refused, cli
+
 FAST_EXPORT = ["-S", "export.calibration_cache=null", "-S", "export.latency_runs=1", "-S", "export.warmup_runs=0",
                "-S", "export.throughput_runs=1"]
 EXPORTED = ["metrics.json", "model.int8.onnx", "model.onnx", "model.pt2"]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_refused(result, *words):
-    assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
-    for word in words:
-        assert word in result.output, result.output
 
 
 def users_files(folder: Path) -> Path:
@@ -118,19 +107,14 @@ def _teacher_folder(teacher_ckpt, tmp_path) -> Path:
     return folder
 
 
-def test_prune_refuses_to_write_onto_the_checkpoint_it_reads(teacher_ckpt, tmp_path):
+@pytest.mark.parametrize("out, words", [
+    ("teacher.pt", ["prune.out", "is the checkpoint this command reads"]),  # the checkpoint it reads
+    ("x.pt", ["already holds metrics.json", "`logitcache prune` did not write"]),  # beside the teacher's metrics
+])
+def test_prune_refuses_to_write_onto_its_input_or_another_commands_metrics(out, words, teacher_ckpt, tmp_path):
     folder = _teacher_folder(teacher_ckpt, tmp_path)
     before = snapshot(folder)
-    result = cli("prune", folder / "teacher.pt", "--out", folder / "teacher.pt")
-    assert_refused(result, "prune.out", "is the checkpoint this command reads")
-    assert snapshot(folder) == before
-
-
-def test_prune_refuses_to_replace_another_commands_metrics_beside_its_output(teacher_ckpt, tmp_path):
-    folder = _teacher_folder(teacher_ckpt, tmp_path)
-    before = snapshot(folder)
-    result = cli("prune", folder / "teacher.pt", "--out", folder / "x.pt")
-    assert_refused(result, "already holds metrics.json", "`logitcache prune` did not write")
+    assert_refused(cli("prune", folder / "teacher.pt", "--out", folder / out), *words)
     assert snapshot(folder) == before
 
 

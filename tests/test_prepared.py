@@ -3,33 +3,20 @@ imagefolder's splits share the training split's classes, and settings only prepa
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from logitcache.cli import main
 from logitcache.core.config import DataConfig
-from logitcache.core.data import DATASETS, load_split, prepare_data
+from logitcache.core.data import DATASETS, load_split
 from logitcache.core.errors import LogitcacheError
+
+from refusals import assert_refused, cli
 
 FMNIST = Path(DATASETS["fashion_mnist"].default_source)
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_refused(result, *words):
-    assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
-    for word in words:
-        assert word in result.output, result.output
 
 
 def _prepared(data_cfg, tmp_path, edit=None) -> DataConfig:
