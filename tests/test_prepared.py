@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from logitcache.core.config import DataConfig
 from logitcache.core.data import DATASETS, load_split
 from logitcache.core.errors import LogitcacheError
