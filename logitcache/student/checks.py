@@ -1,9 +1,9 @@
 """Checks of a student run that come before its work, and the record of where its results come from.
 
 `check_seeds` runs before any seed trains: with --resume every seed's saved state must have been saved with
-this run's settings (else nothing is trained), and both prepared splits must be whole. `check_same_teacher`
-refuses a test cache of another teacher than the training caches. `origin` is what metrics.json records of
-the teacher, the caches and the data a run used.
+this run's settings (else nothing is trained). `check_same_teacher` refuses a test cache of another teacher
+than the training caches. `origin` is what metrics.json records of the teacher, the caches and the data a run
+used.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig
-from logitcache.core.data import Split, check_prepared
+from logitcache.core.data import Split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.training import RESUME, check_resumable
@@ -22,8 +22,7 @@ ORIGIN = ("teacher_sha256", "caches", "data_fingerprint")  # the keys `origin` a
 
 
 def check_seeds(params: Params, name: str, seeds: list[tuple[StudentConfig, Path]], resume: bool, dist: Dist) -> None:
-    """Before the first seed trains: the prepared data, and (with --resume) every seed's resume.pt."""
-    check_prepared(params.data)
+    """Before the first seed trains, with --resume: every seed's resume.pt."""
     if not resume:
         return
     for cfg, out in seeds:

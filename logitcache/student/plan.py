@@ -14,7 +14,7 @@ import numpy as np
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig
-from logitcache.core.data import Split, holdout, load_split, split_identity
+from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewSpec
 from logitcache.student.checks import check_same_teacher
@@ -60,6 +60,7 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     chosen = parse_loss(cfg.loss, f"students.{name}")
     needs = union([methods()[m].needs(c) for m, c in chosen.items()])
     train = load_split(params.data, "train")
+    check_prepared(params.data)  # the test split too, read once after training
     train_rows, validation = holdout(params.data, len(train))
     cache = open_caches(cfg, train, needs) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
