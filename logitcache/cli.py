@@ -30,9 +30,17 @@ class Group(click.Group):
             click.echo(f"error: {_own_line(e)}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; unfinished outputs were not written; rerun the same command "
-                       "(train-teacher/train-student with --resume) to continue", err=True)
+            click.echo(f"error: interrupted; unfinished outputs were not written; {_how_to_continue(ctx)}", err=True)
             sys.exit(130)
+
+
+def _how_to_continue(ctx: click.Context) -> str:
+    command = ctx.invoked_subcommand
+    if command in ("train-teacher", "train-student"):
+        return "rerun the same command with --resume to continue"
+    if command == "dump-teacher":
+        return "rerun the same command (same arguments) to resume the dump"
+    return "rerun the same command"
 
 
 def _own_line(error: LogitcacheError) -> str:
@@ -230,6 +238,8 @@ def _format_summary(info: dict) -> str:
             else f"p={form['p']:g}" if form["form"] == "attention" else ""
         lines.append(f"  {form['layer']:<8} {form['form']:<11} {form['dataset']:<23} {str(tuple(form['shape'])):<16} "
                      f"{form['bytes_per_sample'] or 0:>12,}  {setting}".rstrip())
+    if not info["teacher"]:
+        lines[1] = "teacher    not recorded yet (the dump has not finished)"
     if info.get("teacher_accuracy"):
         lines.append(f"teacher accuracy from cached logits: {info['teacher_accuracy']}")
     if "verify" in info:

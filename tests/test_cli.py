@@ -149,3 +149,23 @@ def test_an_output_folder_without_write_permission_is_refused(tmp_path):
         _refused_before_any_work(result, f"{key}: cannot create or write {locked / 'out'} (no folder can be made in "
                                          f"{locked}: Permission denied)")
     assert list(locked.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+
+
+@pytest.mark.parametrize("command, patched, advice", [
+    ("dump-teacher", "logitcache.teacher.dump.dump_teacher", "rerun the same command (same arguments) to resume the dump"),
+    ("export", "logitcache.deploy.export.export_checkpoint", "rerun the same command"),
+    ("train-teacher", "logitcache.teacher.train.train_teacher", "rerun the same command with --resume to continue"),
+])
+def test_the_interrupt_message_tells_how_to_continue_this_command(command, patched, advice, tmp_path, monkeypatch):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module, _, name = patched.rpartition(".")
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
+    monkeypatch.chdir(tmp_path)
+    args = [command] + (["ckpt.pt"] if command == "export" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130
+    assert result.output == f"error: interrupted; unfinished outputs were not written; {advice}\n"

@@ -98,3 +98,36 @@ def test_layer_entries_are_names_or_mappings_with_forms_pool_and_p():
     assert [s.name for s in load_params(None, ["dump.layers=layer1, layer3"]).dump.layer_specs()] == ["layer1", "layer3"]
     assert [(s.name, s.forms, s.pool) for s in Params().dump.layer_specs()] == [
         ("layer2", ["map", "attention"], 4), ("layer3", ["embedding"], 4)]
+
+
+def test_an_override_whose_value_is_not_valid_yaml_is_one_line_naming_it():
+    with pytest.raises(LogitcacheError) as e:
+        load_params(None, ["students.kd.seeds=[0, 1"])
+    assert str(e.value).startswith("override 'students.kd.seeds=[0, 1': the value is not valid YAML")
+    assert "\n" not in str(e.value)
+
+
+def test_an_unknown_section_set_by_an_override_is_blamed_on_the_override_not_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("teacher: {epochs: 2}\n")
+    with pytest.raises(LogitcacheError, match=r"^invalid -S foo.bar=1: unknown key 'foo'"):
+        load_params(tmp_path / "params.yaml", ["foo.bar=1"])
+
+
+@pytest.mark.parametrize("override", ["teacher.lr=.inf", "teacher.lr=inf", "teacher.weight_decay=.nan",
+                                      "export.atol=.inf", "prune.ratio=.nan"])
+def test_nan_and_infinity_are_refused_wherever_a_number_is_read(override):
+    with pytest.raises(LogitcacheError, match=r"Input should be a finite number|valid integer"):
+        load_params(None, [override])
+
+
+def test_nan_in_a_method_setting_is_refused():
+    from logitcache.student.methods import parse_loss
+
+    with pytest.raises(LogitcacheError, match=r"kd.weight.*finite number"):
+        parse_loss({"kd": {"weight": float("nan")}}, "students.kd")
+
+
+def test_a_number_of_epochs_beyond_any_sensible_run_is_refused():
+    with pytest.raises(LogitcacheError, match=r"^invalid -S teacher.epochs=100000000000000000000: Input should be "
+                                              r"less than or equal to 100000"):
+        load_params(None, ["teacher.epochs=100000000000000000000"])

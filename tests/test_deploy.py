@@ -1,5 +1,6 @@
 """Deployment: export (ONNX, .pt2, int8 ONNX), structured pruning, and distilling a pruned model from the cache."""
 
+import hashlib
 import json
 
 import onnx
@@ -46,7 +47,8 @@ def test_export_matches_pytorch_and_reports_int8(data_cfg, cache_dir, student_ck
 
     metrics = export_checkpoint(_params(data_cfg, cache_dir, tmp_path), student_ckpt, "kd")
     folder = tmp_path / "deploy" / "kd"
-    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "model.int8.onnx", "model.onnx", "model.pt2"]
+    assert sorted(p.name for p in folder.iterdir()) == [".logitcache-outputs.json", "metrics.json", "model.int8.onnx",
+                                                        "model.onnx", "model.pt2"]
     images, labels = _test_inputs(data_cfg)
     model, _ = load_model(student_ckpt)
     with torch.no_grad():
@@ -170,13 +172,15 @@ def test_init_of_another_model_is_refused(data_cfg, cache_dir, teacher_ckpt, tmp
 def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path):
     from logitcache.summary import summarize
 
+    origin = {"teacher_sha256": None, "caches": {}, "data_fingerprint": None}
     for folder, metrics in {"t": {"test_acc": 0.9, "params": 77754, "latency_ms": 0.5},
-                            "k": {"test_acc": 0.8, "params": 9640, "latency_ms": 0.28}}.items():
+                            "k": {"test_acc": 0.8, "params": 9640, "latency_ms": 0.28, **origin}}.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "k" / "student.pt").write_bytes(b"weights")
     (tmp_path / "deploy" / "kd").mkdir(parents=True)
     (tmp_path / "deploy" / "kd" / "metrics.json").write_text(json.dumps({
-        "pytorch": {"latency_ms": 0.3}, "onnx_fp32": {"bytes": 40960, "latency_ms": 0.1},
+        "checkpoint_sha256": hashlib.sha256(b"weights").hexdigest(), "pytorch": {"latency_ms": 0.3}, "onnx_fp32": {"bytes": 40960, "latency_ms": 0.1},
         "onnx_int8": {"bytes": 20480, "acc_drop": 0.003, "latency_ms": 0.08}}))
     params = validate({"teacher": {"out": str(tmp_path / "t")}, "export": {"out": str(tmp_path / "deploy")},
                        "students": {"kd": {"model": "cnn_tiny", "epochs": 1, "out": str(tmp_path / "k")}}})
@@ -185,3 +189,11 @@ def test_summary_shows_an_exported_models_size_and_latency_per_runtime(tmp_path)
     table = (tmp_path / "summary" / "summary.md").read_text()
     assert "| – / 40.0 / 20.0 | 0.30 | 0.300 / 0.100 / 0.080 |" in table  # the export's figures, not the run's 0.28
     assert "0.28" not in table and "| – | – | 0.500 / – / – |" in table  # a model not exported: its run's latency
+
+
+def test_a_pruning_ratio_that_empties_every_layer_asks_for_a_smaller_ratio():
+    from logitcache.core.errors import LogitcacheError
+
+    with pytest.raises(LogitcacheError, match=r"ratio 0.999 removes no channel of resnet8 .*; give a smaller ratio$"):
+        prune_model(build_model("resnet8", 1, 10), torch.randn(2, 1, 28, 28), 0.999,
+                    {"model": "resnet8", "num_classes": 10})

@@ -42,3 +42,28 @@ def test_a_folder_without_write_permission_is_refused(tmp_path):
     with pytest.raises(LogitcacheError, match="Permission denied"):
         check_output_folder(locked / "out", "teacher.out")
     shutil.rmtree(locked, ignore_errors=True)
+
+
+def test_a_checkpoint_whose_config_is_not_json_is_one_line(tmp_path):
+    import torch
+
+    from logitcache.core.io import load_checkpoint
+
+    for config in ("{not json", "[1, 2]"):
+        torch.save({"state_dict": {}, "config": config}, tmp_path / "bad.pt")
+        with pytest.raises(LogitcacheError, match=r"^checkpoint .*bad.pt: its config is not a JSON object; "):
+            load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_raw_pickle_is_refused_without_torchs_warning(tmp_path):
+    import pickle
+    import warnings
+
+    from logitcache.core.io import load_checkpoint
+
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"state_dict": {}, "config": "{}"}, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(LogitcacheError, match=r"^checkpoint .*raw.pkl "):
+            load_checkpoint(tmp_path / "raw.pkl")
+    assert [str(w.message) for w in shown] == []

@@ -55,7 +55,7 @@ def test_every_key_of_params_yaml_is_documented():
 
 def test_a_row_shows_type_bounds_default_and_description():
     lines = render_params_doc().splitlines()
-    assert "| `epochs` | `int`, ≥ 1 | `15` | passes over the training rows (the training split less the validation rows) |" in lines
+    assert "| `epochs` | `int`, ≥ 1, ≤ 100000 | `15` | passes over the training rows (the training split less the validation rows) |" in lines
     assert ("| `views` | `int \\| \"all\"` | `4` | views per training sample (view 0 is the evaluation view); all = "
             "every crop/flip view; other splits use the evaluation view |") in lines
     assert any(line.startswith("| `seeds` | `list[int] \\| null`, at least 1 item | `null` | ") for line in lines)

@@ -280,19 +280,21 @@ def test_seeds_trained_at_once_stop_with_their_parent(data_cfg, cache_dir, tmp_p
 
 
 def test_a_finished_seed_is_retrained_on_resume_after_the_cache_is_dumped_again(data_cfg, cache_dir, tmp_path, capfd):
-    cache = tmp_path / "train.h5"
+    cache, test_cache = tmp_path / "train.h5", tmp_path / "test.h5"
     shutil.copyfile(cache_dir / "train.h5", cache)
+    shutil.copyfile(cache_dir / "test.h5", test_cache)
     params = validate({"data": data_cfg.model_dump(),
                        "students": {"kd": student_settings(cache_dir, tmp_path, caches=[str(cache)], seeds=[0],
-                                                           epochs=1, workers=0)}})
+                                                           test_cache=str(test_cache), epochs=1, workers=0)}})
     seed0 = tmp_path / "student" / "runs" / "seed0"
     train_student(params, "kd")
     train_student(params, "kd", resume=True)
     assert f"kd seed 0 already finished, kept ({seed0})" in capfd.readouterr().out
 
-    with h5py.File(cache, "r+") as f:  # as if dumped again from another teacher checkpoint
-        teacher = json.loads(f.attrs["teacher"])
-        f.attrs["teacher"] = json.dumps({**teacher, "checkpoint_sha256": "0" * 64}, sort_keys=True)
+    for path in (cache, test_cache):  # as if both splits were dumped again from another teacher checkpoint
+        with h5py.File(path, "r+") as f:
+            teacher = json.loads(f.attrs["teacher"])
+            f.attrs["teacher"] = json.dumps({**teacher, "checkpoint_sha256": "0" * 64}, sort_keys=True)
     train_student(params, "kd", resume=True)
     printed = capfd.readouterr().out
     assert "already finished" not in printed and "kd seed 0 step" in printed  # trained again, from its first step

@@ -145,3 +145,28 @@ def test_the_normalizer_gives_the_bits_of_torchvisions_to_dtype_then_normalize()
     assert torch.equal(Normalizer([0.286], [0.353])(images[:, :1]), gray(images[:, :1]))
     with pytest.raises(TypeError, match="uint8"):
         Normalizer(mean, std)(images.float())
+
+
+def test_a_policy_op_with_an_invalid_value_is_refused_when_the_config_is_read():
+    from logitcache.core.config import validate
+    from logitcache.core.errors import LogitcacheError
+
+    for section in ("teacher", "dump"):
+        with pytest.raises(LogitcacheError) as e:
+            validate({section: {"augment": {"policy": [{"name": "ColorJitter", "brightness": -5}]}}})
+        assert str(e.value).startswith(f"invalid params: {section}.augment.policy: policy op ColorJitter: ")
+        assert "\n" not in str(e.value)
+
+
+def test_more_views_than_a_finite_policy_has_are_refused(data_cfg, teacher_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    result = CliRunner().invoke(main, ["dump-teacher", "--teacher", str(teacher_ckpt), "--views", "51", "--out",
+                                       str(tmp_path / "cache"), "-S", f"data.root={data_cfg.root}",
+                                       "-S", "data.train_limit=600", "-S", "data.test_limit=300"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: dump.views=51 asks for more views than the 50 distinct views of this policy "
+                             "(crop padding 2, flip True); give at most 50, or views=all\n")
+    assert not (tmp_path / "cache").exists()

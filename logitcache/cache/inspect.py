@@ -71,6 +71,10 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
            atol: float = 0.05, min_cosine: float = 0.999) -> dict:
     """Check every chunk's checksum, then recompute random (sample, view) rows with the teacher and compare
     the logits and every stored form of every layer (through `stored_form`); raises on damage or beyond tolerance."""
+    if samples < 1:
+        raise LogitcacheError(f"--samples must be at least 1 (rows recomputed with the teacher), got {samples}")
+    if not (np.isfinite(atol) and atol >= 0):
+        raise LogitcacheError(f"--atol must be a finite number >= 0 (largest allowed |logit difference|), got {atol}")
     with Cache(path) as cache:
         cache.verify_checksums()
         teacher = load_teacher(teacher_path)
@@ -99,7 +103,8 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
             max_diff = (live_top.values - cached.gather(1, live_top.indices)).abs().max().item()
         else:
             max_diff = (live - cached).abs().max().item()
-        kl = F.kl_div(F.log_softmax(cached, -1), F.log_softmax(live, -1), log_target=True, reduction="batchmean").item()
+        kl = max(0.0, F.kl_div(F.log_softmax(cached.double(), -1), F.log_softmax(live.double(), -1), log_target=True,
+                               reduction="batchmean").item())  # >= 0; rounding alone could make it negative
         report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1": kl, "cosine": {}}
         for name, layer in cache.layers.items():
             for form in layer["forms"]:
@@ -107,7 +112,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
                 fresh = stored_form(out[name].float(), form, layer)
                 report["cosine"][f"{name}:{form}"] = F.cosine_similarity(
                     stored.float().flatten(1), fresh.float().flatten(1), dim=1).min().item()
-    bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if max_diff > atol else []
+    bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if not max_diff <= atol else []
     bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]
     report["ok"] = not bad
     if bad:

@@ -130,8 +130,20 @@ class Cache:
     def view_params(self) -> np.ndarray:
         """(N, V, 4) int64 `(seed, top, left, flip)` of every view, for `ViewRenderer` / `render_batch`: the stored
         crop/flip codes, with each view's policy seed derived again from the dump's seed."""
-        views = self.meta["views"]
-        return params_from_codes(self.read("views/code"), self.spec, views["seed"], views["mode"])
+        views, spec = self.meta["views"], self.spec
+        codes = self.read("views/code")
+        self._check_codes(codes, spec, views.get("eval_view"))
+        return params_from_codes(codes, spec, views["seed"], views["mode"])
+
+    def _check_codes(self, codes: np.ndarray, spec: ViewSpec, eval_view: int | None) -> None:
+        """The stored crop/flip codes fit the recorded transform: every code in range, the evaluation view the
+        centre crop unflipped (an edited crop_padding would replay other crops, or none)."""
+        side = 2 * spec.padding + 1
+        centre = (spec.padding * side + spec.padding) * 2
+        if codes.size and (int(codes.max()) >= side * side * 2 or
+                           (eval_view is not None and not (codes[:, eval_view] == centre).all())):
+            raise LogitcacheError(f"{self.path}: the stored view codes do not fit its transform attribute (crop_padding "
+                                  f"{spec.padding}); the file is damaged, re-dump it")
 
     def logits(self, selection=slice(None)) -> torch.Tensor:
         """Float32 logits (rows, V, C); top-k caches are expanded by `logits_from_topk`."""

@@ -20,7 +20,7 @@ DEFAULT_PARAMS = "params.yaml"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN and infinity are never a setting
 
 
 def _known_model(name: str) -> str:
@@ -71,6 +71,10 @@ class AugmentConfig(Section):
             name = op.get("name")
             if not isinstance(name, str) or not hasattr(v2, name):
                 raise ValueError(f"policy op {op!r} needs 'name:' set to a torchvision.transforms.v2 class")
+            try:
+                getattr(v2, name)(**{k: v for k, v in op.items() if k != "name"})
+            except (TypeError, ValueError) as e:  # built once here, so that no run fails at its first image
+                raise ValueError(f"policy op {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return ops
 
 
@@ -101,7 +105,7 @@ class TrainConfig(Section):
     """What teacher and student training share: model, optimiser, schedule, loader."""
 
     model: str = Field(description="architecture (logitcache models lists them)")
-    epochs: int = Field(ge=1, description="passes over the training rows")
+    epochs: int = Field(ge=1, le=100_000, description="passes over the training rows")
     batch_size: int = Field(128, ge=1, description="global batch: under torchrun each of N ranks takes batch_size / N")
     lr: float = Field(0.1, gt=0, description="peak learning rate of SGD with Nesterov momentum")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -147,7 +151,8 @@ class TeacherConfig(TrainConfig):
 
     model: str = Field("resnet8", description="teacher architecture (logitcache models lists them; torchvision:NAME "
                        "or timm:NAME for a pretrained model, docs/teachers.md)")
-    epochs: int = Field(15, ge=1, description="passes over the training rows (the training split less the validation "
+    epochs: int = Field(15, ge=1, le=100_000, description="passes over the training rows (the training split less "
+                        "the validation "
                         "rows)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     init: str | None = Field(None, description="fine-tune: start from this teacher checkpoint (e.g. from "
@@ -260,7 +265,8 @@ class StudentConfig(TrainConfig):
     """Phase two: a student trained against one or more caches (or plain CE)."""
 
     model: str = Field("cnn_small", description="student architecture (logitcache models lists them)")
-    epochs: int = Field(10, ge=1, description="passes over the training rows: the labeled ones for ce, every cached "
+    epochs: int = Field(10, ge=1, le=100_000, description="passes over the training rows: the labeled ones for ce, "
+                        "every cached "
                         "one otherwise (ignored when steps is set)")
     steps: int | None = Field(None, ge=1, description="training length in optimizer steps (samples seen = steps x "
                               "batch_size), whatever the rows: give every student of a comparison the same; a student "
@@ -352,6 +358,19 @@ class Params(Section):
     pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
                                          "cache (init: the output of logitcache prune)")
 
+    @field_validator("students")
+    @classmethod
+    def _names_are_plain(cls, students):
+        """A student's name is also the name of its export folder (summarize reads <export.out>/<name>/)."""
+        from logitcache.core.io import plain_name
+
+        for name in students:
+            try:
+                plain_name(name, "student name")
+            except LogitcacheError as e:
+                raise ValueError(str(e)) from None
+        return students
+
     @model_validator(mode="after")
     def _selection_needs_validation(self):
         if self.data.validation == 0:
@@ -436,12 +455,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise LogitcacheError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LogitcacheError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); close its "
+                              "brackets or quotes, e.g. seeds=[0, 1]") from None
 
 
 def _sets(target: str, key: str) -> bool:
-    """Whether an override of `target` sets `key` (itself, or a key inside that section)."""
-    return key == target or key.startswith(target + ".")
+    """Whether an override of `target` sets `key` (itself, a key inside that section, or the unknown section
+    `target` is inside)."""
+    return key == target or key.startswith(target + ".") or target.startswith(key + ".")
 
 
 def _one_line(error: ValidationError) -> tuple[str, str]:

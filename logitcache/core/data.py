@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from logitcache.core.config import DataConfig
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import check_output_folder
+from logitcache.core.io import check_output_folder, output_lock
 
 SPLITS = ("train", "test")
 
@@ -49,7 +49,11 @@ def _load_fashion_mnist(cfg: DataConfig, source: str, split: str):
     else:
         with tempfile.TemporaryDirectory() as tmp:
             _stage_mnist_files(Path(source), Path(tmp) / "FashionMNIST" / "raw")
-            ds = FashionMNIST(tmp, train=split == "train", download=False)
+            try:
+                ds = FashionMNIST(tmp, train=split == "train", download=False)
+            except Exception as e:  # torchvision's idx parser on a truncated or foreign file
+                raise LogitcacheError(f"Fashion-MNIST files in {source} cannot be read ({str(e)[:120] or type(e).__name__}); "
+                                      "they are truncated or damaged: reinstall or download them again") from None
     return ds.data.numpy()[:, None], ds.targets.numpy(), list(ds.classes)
 
 
@@ -65,8 +69,12 @@ def _stage_mnist_files(source: Path, raw: Path) -> None:
                 "dataset-fashion-mnist, set data.source, or set data.download=true"
             )
         opener = gzip.open if found.suffix == ".gz" else open
-        with opener(found, "rb") as src, open(raw / stem, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with opener(found, "rb") as src, open(raw / stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated gzip ends in EOFError
+            raise LogitcacheError(f"Fashion-MNIST file {found} cannot be read ({e or type(e).__name__}); it is truncated "
+                                  "or damaged: reinstall dataset-fashion-mnist or download it again") from None
 
 
 def _load_cifar(cls_name: str):
@@ -90,9 +98,35 @@ def _load_image_folder(cfg: DataConfig, source: str, split: str):
     if not folder.is_dir():
         raise LogitcacheError(f"ImageFolder split {folder} is missing; expected {source}/{{train,test}}/<class>/<image>")
     resize = v2.Compose([v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
-    ds = ImageFolder(str(folder), transform=lambda img: resize(img.convert("RGB")))
-    images = np.stack([ds[i][0].numpy() for i in range(len(ds))])
-    return images, np.asarray(ds.targets), list(ds.classes)
+    classes = _image_folder_classes(Path(source), split)
+    try:
+        ds = ImageFolder(str(folder), transform=lambda img: resize(img.convert("RGB")))
+    except FileNotFoundError as e:  # a class folder without images
+        raise LogitcacheError(f"ImageFolder split {folder}: {e}; put images in every class folder or remove it") from None
+    return np.stack([_image(ds, i) for i in range(len(ds))]), np.asarray(ds.targets), classes
+
+
+def _image_folder_classes(source: Path, split: str) -> list[str]:
+    """The classes of the training split; another split must have the same, or its labels would mean others."""
+    from torchvision.datasets.folder import find_classes
+
+    classes = [p.name for p in sorted((source / "train").iterdir()) if p.is_dir()] if (source / "train").is_dir() else []
+    if split != "train":
+        found, _ = find_classes(str(source / split))
+        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        if extra or missing:
+            raise LogitcacheError(f"ImageFolder split {source / split} has other classes than {source / 'train'} "
+                                  f"(extra: {', '.join(extra) or 'none'}; missing: {', '.join(missing) or 'none'}); "
+                                  "give every split the same class folders")
+    return classes
+
+
+def _image(ds, i: int) -> np.ndarray:
+    try:
+        return ds[i][0].numpy()
+    except Exception as e:  # PIL.UnidentifiedImageError, a truncated file
+        raise LogitcacheError(f"image {ds.samples[i][0]} cannot be read ({type(e).__name__}); remove or replace "
+                              "it") from None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -126,11 +160,17 @@ def prepare_data(cfg: DataConfig) -> dict:
         check_output_folder(source, "data.source (data.download: true writes the raw files there)")
     if not cfg.download and not Path(source).exists():
         raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
+    with output_lock(dataset_dir(cfg), "prepare-data"):
+        return _prepare(cfg, spec, source)
+
+
+def _prepare(cfg: DataConfig, spec: DatasetSpec, source) -> dict:
+    loaded = {split: spec.load(cfg, source, split) for split in SPLITS}  # every raw file read before anything is made
     out = dataset_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"dataset": cfg.dataset, "source": str(source), "splits": {}}
     for split in SPLITS:
-        images, labels, classes = spec.load(cfg, source, split)
+        images, labels, classes = loaded[split]
         limit = cfg.train_limit if split == "train" else cfg.test_limit
         images, labels = images[:limit], labels[:limit].astype(np.int64)
         _save_array(out / f"{split}_images.npy", images.astype(np.uint8))
@@ -195,12 +235,8 @@ class Split:
 def load_split(cfg: DataConfig, split: str) -> Split:
     """Load a prepared split; refuses when prepare-data has not run or its files were changed."""
     folder = dataset_dir(cfg)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise LogitcacheError(f"no prepared data at {folder}; run `logitcache prepare-data` first")
-    meta = json.loads(meta_path.read_text())
-    images = np.load(folder / f"{split}_images.npy", allow_pickle=False)
-    labels = np.load(folder / f"{split}_labels.npy", allow_pickle=False)
+    meta = _read_meta(cfg)
+    images, labels = (_read_array(folder / f"{split}_{part}.npy") for part in ("images", "labels"))
     expected = meta["splits"][split]["fingerprint"]
     if fingerprint(images, labels) != expected:
         raise LogitcacheError(f"prepared {split} split in {folder} does not match its meta.json fingerprint; rerun prepare-data")
@@ -212,12 +248,71 @@ def load_split(cfg: DataConfig, split: str) -> Split:
 
 def split_identity(cfg: DataConfig, split: str) -> dict:
     """A prepared split's identity from meta.json alone, as `Split.identity` gives it, without reading its arrays."""
-    meta_path = dataset_dir(cfg) / "meta.json"
-    if not meta_path.is_file():
-        raise LogitcacheError(f"no prepared data at {meta_path.parent}; run `logitcache prepare-data` first")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(cfg)
     entry = meta["splits"][split]
     return {"name": meta["dataset"], "split": split, "count": entry["count"], "fingerprint": entry["fingerprint"]}
+
+
+def check_prepared(cfg: DataConfig) -> None:
+    """Every prepared split's files are there, whole, and hold the counts meta.json records: a run refuses damaged
+    data before its first step, not when it reaches the test split. Only the arrays' headers are read (the test
+    split's content is read once, after training, where its fingerprint is checked)."""
+    meta, folder = _read_meta(cfg), dataset_dir(cfg)
+    for split in SPLITS:
+        for part in ("images", "labels"):
+            path = folder / f"{split}_{part}.npy"
+            if _array_rows(path) != meta["splits"][split]["count"]:
+                raise LogitcacheError(f"prepared data file {path} does not hold the {meta['splits'][split]['count']} "
+                                      "rows meta.json records; rerun `logitcache prepare-data`")
+
+
+def _array_rows(path: Path) -> int:
+    """The row count of a .npy file from its header, after checking the file is as long as the header says."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            whole = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, EOFError) as e:
+        what = "is missing" if not path.exists() else f"is damaged ({str(e)[:80]})"
+        raise LogitcacheError(f"prepared data file {path} {what}; rerun `logitcache prepare-data`") from None
+    if not whole or not shape:
+        raise LogitcacheError(f"prepared data file {path} is damaged (truncated); rerun `logitcache prepare-data`")
+    return shape[0]
+
+
+PREPARED_BY = ("train_limit", "test_limit")  # data settings only prepare-data applies (imagefolder: image_size too)
+
+
+def _read_meta(cfg: DataConfig) -> dict:
+    folder = dataset_dir(cfg)
+    if not (folder / "meta.json").is_file():
+        raise LogitcacheError(f"no prepared data at {folder}; run `logitcache prepare-data` first")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        made = json.loads((folder / "config.json").read_text())["data"] if (folder / "config.json").is_file() else {}
+        meta["splits"]["train"]["fingerprint"], meta["splits"]["test"]["fingerprint"], meta["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LogitcacheError(f"prepared data {folder}: meta.json or config.json is damaged ({type(e).__name__}: "
+                              f"{str(e)[:80]}); rerun `logitcache prepare-data`") from None
+    keys = (*PREPARED_BY, "image_size") if cfg.dataset == "imagefolder" else PREPARED_BY
+    changed = [key for key in keys if key in made and made[key] != getattr(cfg, key)]
+    if changed:
+        now = " ".join(f"-S data.{key}={getattr(cfg, key)}" for key in changed)
+        raise LogitcacheError(f"data was prepared with {', '.join(f'{k}={made[k]}' for k in changed)}, the run asks "
+                              f"for {', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}; run `logitcache "
+                              f"prepare-data {now}` first")
+    return meta
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        what = "is missing" if not path.exists() else f"is damaged ({str(e)[:80]})"
+        raise LogitcacheError(f"prepared data file {path} {what}; rerun `logitcache prepare-data`") from None
 
 
 def holdout(cfg: DataConfig, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ class Progress:
 class Schedule(BaseModel):
     """A value moving from `start` towards `end` over training."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN and infinity are never a setting
 
     start: float = Field(description="value at the start of training")
     end: float | None = Field(None, description="value at the end (linear, cosine); default: start")

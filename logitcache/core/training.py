@@ -309,11 +309,7 @@ class Checkpointer:
         """(epochs already done, their history); (0, []) when there is nothing to resume."""
         if not self.path.is_file():
             return 0, []
-        state = load_checkpoint(self.path)
-        if state["config"] != self.config:
-            differ = sorted(_differing_keys(state["config"], self.config))
-            raise LogitcacheError(f"{self.path} was saved with other settings ({', '.join(differ)}); "
-                                  "rerun without --resume to start over")
+        state = check_resumable(self.path, self.config)
         for name, obj in self.stateful.items():
             obj.load_state_dict(state["state_dict"][name])
         return state["epoch"], json.loads(state["history"])
@@ -328,6 +324,17 @@ class Checkpointer:
             self.path.unlink(missing_ok=True)
 
 
+def check_resumable(path: Path, config: dict) -> dict:
+    """The saved state at `path`, refused when it was saved with other settings than `config`."""
+    state = load_checkpoint(path)
+    config = json.loads(json.dumps(config, sort_keys=True))  # as it reads back
+    if state["config"] != config:
+        differ = sorted(_differing_keys(state["config"], config))
+        raise LogitcacheError(f"{path} was saved with other settings ({', '.join(differ)}); "
+                              "rerun without --resume to start over")
+    return state
+
+
 def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointer, resume: bool,
         unit: str = "epoch") -> list[dict]:
     """Run epochs (or another `unit` of training between evaluations) [start, epochs), saving resumable state
@@ -336,6 +343,8 @@ def fit(epochs: int, run_epoch: Callable[[int], dict], checkpointer: Checkpointe
     start, history = checkpointer.restore() if resume else (0, [])
     if start and checkpointer.dist.is_main:
         print(f"{checkpointer.path}: resuming at {unit} {start + 1} of {epochs}", flush=True)
+    elif resume and checkpointer.dist.is_main:
+        print(f"{checkpointer.path} not found: nothing to resume, training from the first {unit}", flush=True)
     for epoch in range(start, epochs):
         interrupt.check()
         history.append(run_epoch(epoch))

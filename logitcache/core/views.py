@@ -71,7 +71,7 @@ def _policy_ops(policy) -> list[v2.Transform]:
         kwargs = {k: v for k, v in op.items() if k != "name"}
         try:
             ops.append(getattr(v2, op["name"])(**kwargs))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise LogitcacheError(f"augment policy op {op['name']}: {e}") from None
     return ops
 
@@ -127,6 +127,14 @@ def view_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: int | str
                          np.broadcast_to(np.arange(views), (n, views)))
     params[:, 0] = [EVAL_SEED, spec.padding, spec.padding, 0]
     return params
+
+
+def check_view_count(spec: ViewSpec, views: int | str, key: str) -> None:
+    """Refuse more views per sample than a finite policy has distinct views (the rest would only repeat them)."""
+    if views != "all" and spec.discrete_count is not None and views > spec.discrete_count:
+        raise LogitcacheError(f"{key}={views} asks for more views than the {spec.discrete_count} distinct views of this "
+                              f"policy (crop padding {spec.padding}, flip {spec.flip}); give at most "
+                              f"{spec.discrete_count}, or views=all")
 
 
 def pair_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: np.ndarray) -> np.ndarray:

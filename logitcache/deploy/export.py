@@ -8,6 +8,7 @@ everything passed: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import warnings
@@ -21,7 +22,8 @@ from torch import nn
 from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import atomic_folder, load_model, write_json
+from logitcache.core.io import (atomic_folder, check_output_folder, claim_files, load_model, output_lock, plain_name,
+                                write_json)
 from logitcache.core.preprocess import model_input
 from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
@@ -46,7 +48,24 @@ class ExportJob:
 
 def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict:
     """Export, check and time CHECKPOINT into <export.out>/<name>/, one runtime of RUNTIMES after the other;
-    returns its metrics."""
+    returns its metrics.
+
+    Only the files an earlier export wrote there are replaced; others in that folder are kept.
+    """
+    out = Path(params.export.out) / plain_name(name, "export --name")
+    check_output_folder(out, "export.out")
+    files = output_files()
+    claim_files(out, files, "export", "export --name")
+    with output_lock(out, "export"):
+        return _export(params, checkpoint, out, files)
+
+
+def output_files() -> tuple[str, ...]:
+    """What an export writes into its folder: each runtime's file, then metrics.json."""
+    return (*(spec.file for spec in RUNTIMES.values() if spec.file is not None), "metrics.json")
+
+
+def _export(params: Params, checkpoint: str | Path, out: Path, files: tuple[str, ...]) -> dict:
     cfg = params.export
     threads = _set_threads(cfg)
     model, ckpt = load_model(checkpoint)
@@ -59,11 +78,13 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
     reference = predict(eager_runtime_of(model), images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
                                       cfg.calibration_seed, prepare) if cfg.calibration_cache else None)
-    with atomic_folder(Path(cfg.out) / name) as tmp:
+    with atomic_folder(out, "export", "export --name", files) as tmp:
         job = ExportJob(model, torch.from_numpy(images[:2]), tmp, cfg, arch, threads, calibration)
         runtimes = {key: _runtime_metrics(job, spec, images, reference, labels, Path(checkpoint))
                     for key, spec in RUNTIMES.items()}
-        metrics = {"model": arch, "checkpoint": str(checkpoint), "params": sum(p.numel() for p in model.parameters()),
+        metrics = {"model": arch, "checkpoint": str(checkpoint),
+                   "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
+                   "params": sum(p.numel() for p in model.parameters()),
                    "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
                    "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
                    **job.notes, "calibration_images": 0 if calibration is None else len(calibration), **runtimes}

@@ -15,7 +15,8 @@ from torch import nn
 from logitcache.core.config import Params
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import load_model, save_checkpoint, write_json
+from logitcache.core.io import (check_not_input, check_output_folder, claim_files, load_model, output_lock,
+                                record_files, save_checkpoint, write_json)
 from logitcache.core.models import layer_channels
 from logitcache.core.preprocess import model_input
 from logitcache.deploy.export import checkpoint_data
@@ -23,7 +24,19 @@ from logitcache.deploy.measure import predict, torch_runtime
 
 
 def prune_checkpoint(params: Params, checkpoint: str | Path) -> dict:
-    """Prune `prune.ratio` of every layer's channels; write the checkpoint to `prune.out`, metrics.json beside it."""
+    """Prune `prune.ratio` of every layer's channels; write the checkpoint to `prune.out`, metrics.json beside it.
+
+    Neither replaces a file that prune did not write (the checkpoint it reads, another command's metrics).
+    """
+    out = Path(params.prune.out)
+    check_not_input(out, {"checkpoint": checkpoint}, "prune.out")
+    check_output_folder(out.parent, "prune.out")
+    claim_files(out.parent, [out.name, "metrics.json"], "prune", "prune.out")
+    with output_lock(out, "prune"):
+        return _prune(params, checkpoint, out)
+
+
+def _prune(params: Params, checkpoint: str | Path, out: Path) -> dict:
     cfg = params.prune
     model, ckpt = load_model(checkpoint)
     info = ckpt["model_info"]
@@ -36,8 +49,8 @@ def prune_checkpoint(params: Params, checkpoint: str | Path) -> dict:
                "params_before": before["params"], "params": after["params"],
                "params_kept": after["params"] / before["params"],
                "test_acc_before": before["test_acc"], "test_acc": after["test_acc"]}
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    record_files(out.parent, [out.name, "metrics.json"], "prune")
     write_json(out.with_name("metrics.json"), metrics)
     save_checkpoint(out, {k: v.contiguous() for k, v in model.state_dict().items()},
                     {**ckpt["config"], "prune": {"source": str(checkpoint), "ratio": cfg.ratio}},
@@ -60,7 +73,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, ratio: float, info: dic
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise LogitcacheError(f"model {info['model']} cannot be pruned with torch-pruning: {reason[:200]}") from None
     if sum(p.numel() for p in model.parameters()) >= before:
-        raise LogitcacheError(f"pruning ratio {ratio} removes no channel of {info['model']}; give a larger ratio")
+        why, fix = (("would empty its layers, so none is removed", "a smaller") if ratio > 0.5
+                    else ("rounds to no channel of any layer", "a larger"))
+        raise LogitcacheError(f"pruning ratio {ratio} removes no channel of {info['model']} (it {why}); give {fix} "
+                              "ratio")
     return model
 
 

@@ -61,6 +61,9 @@ def _check_fits(info: dict, test: Split) -> None:
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str | None = None) -> dict:
     """Judge a student checkpoint on its own: same metrics as at the end of its training run."""
+    if test_cache is not None and not Path(test_cache).is_file():
+        raise LogitcacheError(f"--test-cache {test_cache} does not exist or is not a file; give the test-split cache "
+                              "from dump-teacher, or leave --test-cache out to use the run's")
     model, ckpt = load_model(path)
     dev = select_device(device)
     if not isinstance(ckpt["config"].get("data"), dict):

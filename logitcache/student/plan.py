@@ -14,9 +14,10 @@ import numpy as np
 
 from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig
-from logitcache.core.data import Split, holdout, load_split, split_identity
+from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.views import ViewSpec
+from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
 
 
@@ -59,10 +60,12 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     chosen = parse_loss(cfg.loss, f"students.{name}")
     needs = union([methods()[m].needs(c) for m, c in chosen.items()])
     train = load_split(params.data, "train")
+    check_prepared(params.data)  # the test split too, read once after training
     train_rows, validation = holdout(params.data, len(train))
     cache = open_caches(cfg, train, needs) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
     check_test_cache(params, cfg)
+    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     if not chosen:
         rows = np.flatnonzero(labeled)
     else:

@@ -32,6 +32,7 @@ from logitcache.core.training import (
     validation_scorer,
 )
 from logitcache.student.batches import StepStream, StudentBatches
+from logitcache.student.checks import origin
 from logitcache.student.evaluate import evaluate_model
 from logitcache.student.learner import Learner, Stepper, build_learner
 from logitcache.student.online import online_teacher
@@ -185,6 +186,8 @@ def _final_metrics(run: Run, history: list[dict]) -> dict:
                    steps=history[-1]["steps"], samples=sum(h["samples"] for h in history),
                    threads=torch.get_num_threads(), train_seconds=seconds,
                    seconds_per_epoch=seconds / history[-1]["epoch"])
+    metrics.update(origin(run.plan.train, run.plan.cache.teacher_sha256 if run.plan.cache else None,
+                          run.config["caches"]))
     return metrics
 
 

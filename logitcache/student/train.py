@@ -26,7 +26,8 @@ from logitcache.core import interrupt
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.io import check_output_folder, write_json
+from logitcache.core.io import check_output_folder, output_lock, write_json
+from logitcache.student.checks import ORIGIN, check_seeds
 from logitcache.student.run import train_one
 
 
@@ -39,6 +40,11 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
     every rank trains on its part of each global batch (DDP); rank 0 alone evaluates and
     writes. Returns the metrics on rank 0 and {} on the others.
     """
+    with output_lock(params.student(name).out, "train-student", hold=dist.is_main):
+        return _train_student(params, name, resume, dist, jobs)
+
+
+def _train_student(params: Params, name: str, resume: bool, dist: Dist, jobs: int) -> dict:
     cfg = params.student(name)
     out = Path(cfg.out)
     check_output_folder(out, f"students.{name}.out")
@@ -46,9 +52,10 @@ def train_student(params: Params, name: str = "default", *, resume: bool = False
         raise LogitcacheError(f"--jobs must be at least 1, got {jobs}")
     if jobs > 1 and dist.world_size > 1:
         raise LogitcacheError("--jobs trains seeds in separate processes; under torchrun leave it at 1")
+    seeds = [(cfg.model_copy(update={"seed": seed}), out / "runs" / f"seed{seed}") for seed in cfg.seeds or []]
+    check_seeds(params, name, seeds or [(cfg, out)], resume, dist)
     if not cfg.seeds:
         return train_one(params, cfg, name, out, resume=resume, dist=dist)
-    seeds = [(cfg.model_copy(update={"seed": seed}), out / "runs" / f"seed{seed}") for seed in cfg.seeds]
     if jobs > 1 and len(seeds) > 1:
         runs = _train_in_parallel(params, seeds, name, resume, jobs)
     else:
@@ -99,7 +106,7 @@ def _worker_setup(threads: int, stop) -> None:
 def aggregate(runs: list[dict], seeds: list[int]) -> dict:
     """Mean and (sample) standard deviation of every numeric metric over seeds, plus each seed's figures."""
     summary: dict = {"seeds": list(seeds), "mode": runs[0]["mode"], "online": runs[0]["online"],
-                     "select": runs[0]["select"]}
+                     "select": runs[0]["select"], **{key: runs[0].get(key) for key in ORIGIN}}
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [r[key] for r in runs]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from logitcache import __version__
 from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
+from logitcache.cache.reader import Cache
 from logitcache.core import interrupt
 from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
@@ -22,11 +23,12 @@ from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
 from logitcache.core.forms import FORMS
-from logitcache.core.io import check_output_folder
+from logitcache.core.io import check_output_folder, output_lock
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
     ViewRenderer,
     ViewSpec,
+    check_view_count,
     code_dtype,
     crop_flip_codes,
     eval_view,
@@ -59,8 +61,28 @@ def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
     dumps its shard of each split and rank 0 merges the shards into the same cache.
     """
     check_output_folder(params.dump.out, "dump.out")
-    teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
-    return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
+    with output_lock(params.dump.out, "dump-teacher", hold=dist.is_main):
+        teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
+        _check_other_splits(params.dump, teacher)
+        return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
+
+
+def _check_other_splits(cfg: DumpConfig, teacher: Teacher) -> None:
+    """The caches of the splits this dump leaves alone must be of the same teacher: a training and a test cache of
+    two teachers in one folder would give students targets of one and agreement scores against the other."""
+    for split in ("train", "test"):
+        path = cache_path(cfg, split)
+        if split in cfg.splits or not path.is_file():
+            continue
+        try:
+            with Cache(path) as cache:
+                made_by = cache.teacher_sha256
+        except LogitcacheError:  # damaged or busy: not this dump's to judge; its readers refuse it
+            continue
+        if made_by != teacher.sha256:
+            raise LogitcacheError(f"{path} was made by another teacher checkpoint than {cfg.teacher}; dumping only "
+                                  f"{', '.join(cfg.splits)} would leave caches of two teachers in {cfg.out}: dump every "
+                                  "split (-S dump.splits=[train,test]) or choose another dump.out")
 
 
 def cache_path(cfg: DumpConfig, split: str) -> Path:
@@ -101,6 +123,7 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     _check_teacher_fits(teacher, split, params)
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
+    check_view_count(spec, views, "dump.views")
     vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
     taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()

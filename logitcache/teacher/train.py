@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from logitcache.core.config import Params, TeacherConfig, save_config
-from logitcache.core.data import IndexedDataset, Split, holdout, load_split
+from logitcache.core.data import IndexedDataset, Split, check_prepared, holdout, load_split
 from logitcache.core.distributed import Dist
-from logitcache.core.io import check_output_folder, save_checkpoint, write_confusion, write_json
+from logitcache.core.io import check_output_folder, output_lock, save_checkpoint, write_confusion, write_json
 from logitcache.core.training import (
     Checkpointer,
     Scored,
@@ -52,7 +52,13 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
 
     Under torchrun each rank trains on its part of every global batch (DDP); rank 0 writes.
     """
+    with output_lock(params.teacher.out, "train-teacher", hold=dist.is_main):
+        return _train_teacher(params, resume, dist)
+
+
+def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
     check_output_folder(Path(params.teacher.out), "teacher.out")
+    check_prepared(params.data)  # both splits, before the first step
     run = TeacherRun.build(params, dist)
     history = fit(run.cfg.epochs, run.train_epoch, run.checkpointer, resume)
     if not dist.is_main:

@@ -67,14 +67,18 @@ class CacheWriter:
         except UnreadableFile:  # HDF5 cannot read it (killed mid-write beyond repair): start over
             self.partial.unlink()
             return None
+        why = "its committed rows are damaged"
         try:
-            if f.attrs.get("run_key") == run_key and all(name in f for name in self.arrays) and _committed_rows_read(f):
+            if f.attrs.get("run_key") != run_key:
+                why = "it was started with other arguments"
+            elif all(name in f for name in self.arrays) and _committed_rows_read(f):
                 return f
         except Exception:  # metadata damaged by a kill or a full disk: nothing in it can be trusted
             pass
         with contextlib.suppress(Exception):
-            f.close()  # made with other arguments, or its committed rows were damaged: start over
+            f.close()
         self.partial.unlink()
+        print(f"{self.partial} not resumed ({why}): dumping from the first row", flush=True)
         return None
 
     def _create(self, run_key: str, compression: str) -> h5py.File:

@@ -85,7 +85,7 @@ class Batch:
 class MethodConfig(BaseModel):
     """Keys every method has."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN and infinity are never a setting
 
     weight: NonNegative = Field(1.0, description="weight of this method's loss in the total (a value or a schedule)")
 
