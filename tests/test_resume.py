@@ -311,3 +311,21 @@ def test_a_ce_student_needs_no_training_cache_and_is_kept_on_resume(data_cfg, ca
     train_student(params, "ce")  # a CE student reads no training cache: one that was never dumped is no error
     train_student(params, "ce", resume=True)
     assert f"ce seed 0 already finished, kept ({tmp_path / 'student' / 'runs' / 'seed0'})" in capfd.readouterr().out
+
+
+def test_a_resume_file_of_an_older_layout_is_refused_in_one_line(data_cfg, cache_dir, tmp_path):
+    """resume.pt written before its state was renamed (e.g. the learner's parts) is refused, not loaded half-way."""
+    from logitcache.core.io import save_checkpoint
+
+    settings = student_settings(cache_dir, tmp_path, epochs=1, workers=0)
+    params = validate({"data": data_cfg.model_dump(), "students": {"kd": settings}})
+    out = tmp_path / "student"
+    out.mkdir()
+    train_student(params, "kd")
+    saved = load_checkpoint(out / "student.pt")["config"]
+    (out / "student.pt").unlink()
+    old = {**saved, "world_size": 1}  # the settings an older logitcache recorded: no layout
+    save_checkpoint(out / RESUME, {"learner": {"taker.conv.weight": torch.zeros(1)}}, old, epoch=1, history="[]")
+    with pytest.raises(LogitcacheError, match=r"resume.pt was saved with other settings \(resume_layout\); rerun "
+                                              "without --resume"):
+        train_student(params, "kd", resume=True)

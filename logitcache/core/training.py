@@ -279,6 +279,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 RESUME = "resume.pt"
+RESUME_LAYOUT = 2  # raised when the state resume.pt holds changes shape: an older file is refused, not misread
 
 
 class Checkpointer:
@@ -293,7 +294,7 @@ class Checkpointer:
     def __init__(self, out: Path, outputs: Iterable[Path], config: dict, stateful: dict, dist: Dist):
         self.out, self.outputs = out, list(outputs)
         self.path, self.stateful, self.dist = out / RESUME, stateful, dist
-        self.config = json.loads(json.dumps(config, sort_keys=True))  # as it reads back
+        self.config = json.loads(json.dumps({**config, "resume_layout": RESUME_LAYOUT}, sort_keys=True))  # as read back
 
     def begin(self, resume: bool) -> None:
         """Once the inputs are checked: the run's folder, rid of an earlier run's finished outputs (the checkpoint,
