@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from logitcache.core import provenance
 from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import check_output_folder, write_json
@@ -26,8 +27,8 @@ def summarize(params: Params, out: str | Path = "data/summary") -> dict:
         row.update(_deployment(Path(params.export.out) / name / "metrics.json"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std", "val_acc_std") if row.get(k) is not None}
-            for name, row in rows.items()}
+    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std", "val_acc_std", provenance.KEY)
+                   if row.get(k) is not None} for name, row in rows.items()}
     write_json(out / "metrics.json", flat)
     (out / "summary.md").write_text(markdown(rows))
     return flat

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from logitcache.core import provenance
 from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
@@ -69,7 +70,7 @@ def export_checkpoint(params: Params, checkpoint: str | Path, name: str) -> dict
                    "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
                    "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
                    "int8_method": int8_method, "calibration_images": 0 if calibration is None else len(calibration),
-                   **runtimes}
+                   **runtimes, provenance.KEY: provenance.environment().as_dict()}
         write_json(tmp / "metrics.json", metrics)
     return metrics
 

@@ -12,6 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from logitcache.core import provenance
 from logitcache.core.config import Params
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
@@ -35,7 +36,8 @@ def prune_checkpoint(params: Params, checkpoint: str | Path) -> dict:
     metrics = {"model": info["model"], "ratio": cfg.ratio, "source": str(checkpoint),
                "params_before": before["params"], "params": after["params"],
                "params_kept": after["params"] / before["params"],
-               "test_acc_before": before["test_acc"], "test_acc": after["test_acc"]}
+               "test_acc_before": before["test_acc"], "test_acc": after["test_acc"],
+               provenance.KEY: provenance.environment().as_dict()}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_name("metrics.json"), metrics)

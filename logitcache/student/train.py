@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from logitcache.cache.format import form_dataset, stored_forms
 from logitcache.cache.reader import Cache
-from logitcache.core import interrupt
+from logitcache.core import interrupt, provenance
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.data import Split, holdout, load_split, split_identity
 from logitcache.core.distributed import Dist
@@ -135,6 +135,8 @@ def aggregate(runs: list[dict], seeds: list[int]) -> dict:
             summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     summary["per_seed"] = {str(s): {k: r[k] for k in ("test_acc", "val_acc", "agreement", "kl_to_teacher", "selected_step")}
                            for s, r in zip(seeds, runs)}
+    environments = [r.get(provenance.KEY) for r in runs]
+    summary[provenance.KEY] = environments[0] if all(e == environments[0] for e in environments) else environments
     return summary
 
 
@@ -342,7 +344,8 @@ def _finish(params, cfg, plan, student, selector, learner, history, out, config,
     metrics.update(selected, selected_step=history[selected["selected"] - 1]["steps"], mode=mode_name(cfg),
                    labeled=int(plan.labeled.sum()), online=cfg.online, world_size=dist.world_size, steps=steps,
                    samples=sum(h["samples"] for h in history), threads=torch.get_num_threads(), train_seconds=sum(h["seconds"] for h in history),
-                   seconds_per_epoch=sum(h["seconds"] for h in history) / history[-1]["epoch"])
+                   seconds_per_epoch=sum(h["seconds"] for h in history) / history[-1]["epoch"],
+                   **{provenance.KEY: provenance.environment(device).as_dict()})
     write_json(out / "metrics.json", metrics)
     write_json(out / "history.json", history)
     save_config({"data": params.data, "student": cfg}, out / "config.json")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
 
+from logitcache.core import provenance
 from logitcache.core.config import Params, save_config
 from logitcache.core.data import IndexedDataset, holdout, load_split
 from logitcache.core.distributed import Dist
@@ -104,6 +105,7 @@ def train_teacher(params: Params, *, resume: bool = False, dist: Dist = Dist.sin
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
         "device": device.type,
         "world_size": dist.world_size,
+        provenance.KEY: provenance.environment(device).as_dict(),
     }
     write_json(out / "metrics.json", metrics)
     write_confusion(out / "confusion.json", labels, logits.argmax(1))
