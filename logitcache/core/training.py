@@ -30,7 +30,7 @@ def select_device(name: str, dist: Dist = Dist.single()) -> torch.device:
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to the device in channels-last layout: 1.3-1.8x faster convolutions on this CPU, and on tensor cores."""
+    """Move to the device in channels-last layout, which oneDNN's CPU convolutions and tensor cores run faster."""
     return model.to(device=device, memory_format=torch.channels_last)
 
 
