@@ -117,7 +117,7 @@ def render(result: dict) -> str:
     first = result["rounds"][0]
     loads = [load for r in result["rounds"] for run in r.values() for load in run["load"]]
     lines = [f"Made by `{result['command']}` on {result['cpu']}, {first['native']['environment']['threads']} "
-             f"threads, torch {first['native']['environment']['torch']}; best of {len(result['rounds'])} "
+             f"torch thread(s) per run, torch {first['native']['environment']['torch']}; best of {len(result['rounds'])} "
              f"alternating rounds, each setting in its own process, batch {result['batch']}; the machine's load "
              f"average was {min(loads):.1f}–{max(loads):.1f} during the runs (the other jobs on its cores slow "
              "every setting, so read the ratios):", "",
