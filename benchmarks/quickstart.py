@@ -44,10 +44,26 @@ def main() -> None:
         print(f"{steps[-1]['seconds']:7.1f} s  {line}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {"commit": commit.stdout.strip(), "environment": environment().as_dict(), "steps": steps,
-              "seconds": sum(s["seconds"] for s in steps)}
+              "seconds": sum(s["seconds"] for s in steps), "summary": summary_of(ROOT)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
+
+
+def summary_of(root: Path) -> dict:
+    """What the quick start's summarize wrote: every model's figures (data/quick/summary/metrics.json)."""
+    return json.loads((root / "data" / "quick" / "summary" / "metrics.json").read_text())
+
+
+def results_table(summary: dict) -> list[str]:
+    lines = ["| model | test acc (%) | val acc (%) | agreement with teacher (%) | steps | train time (s) |",
+             "|---|---|---|---|---|---|"]
+    for name in sorted(summary, key=lambda name: name != "teacher"):  # the teacher first
+        row = summary[name]
+        agreement = f"{100 * row['agreement']:.2f}" if "agreement" in row else "–"
+        lines.append(f"| {name} | {100 * row['test_acc']:.2f} | {100 * row['val_acc']:.2f} | {agreement} | "
+                     f"{row['steps']:,.0f} | {row['train_seconds']:.0f} |")
+    return lines
 
 
 def render(result: dict) -> str:
@@ -56,7 +72,8 @@ def render(result: dict) -> str:
     parts = ", ".join(f"`{label(s['command'])}` {s['seconds']:.0f} s" for s in result["steps"])
     return (f"Measured from a fresh clone (commit {result['commit']}, {env['threads']} threads, "
             f"{env['cpu_capability']} kernels, torch {env['torch']}, `python benchmarks/quickstart.py`): "
-            f"**{minutes} min {seconds:02d} s** in all ({parts}).")
+            f"**{minutes} min {seconds:02d} s** in all ({parts}). What its summary showed:\n\n"
+            + "\n".join(results_table(result["summary"])))
 
 
 def label(command: str) -> str:
