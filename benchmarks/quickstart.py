@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from docblock import write_named
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).parent / "results" / "quickstart.json"
 HEADING = "## Quick start"
@@ -47,7 +49,7 @@ def main() -> None:
               "seconds": sum(s["seconds"] for s in steps), "summary": summary_of(ROOT)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(render(result))
+    print(write_named("quickstart-time") if Path(args.out) == OUT else render(result))
 
 
 def summary_of(root: Path) -> dict:
@@ -70,7 +72,7 @@ def render(result: dict) -> str:
     minutes, seconds = divmod(round(result["seconds"]), 60)
     env = result["environment"]
     parts = ", ".join(f"`{label(s['command'])}` {s['seconds']:.0f} s" for s in result["steps"])
-    return (f"Measured from a fresh clone (commit {result['commit']}, {env['threads']} threads, "
+    return (f"Measured from a fresh clone (commit {result['commit']}, {env['threads']} torch thread(s), "
             f"{env['cpu_capability']} kernels, torch {env['torch']}, `python benchmarks/quickstart.py`): "
             f"**{minutes} min {seconds:02d} s** in all ({parts}). What its summary showed:\n\n"
             + "\n".join(results_table(result["summary"])))

@@ -146,3 +146,22 @@ def test_a_stale_key_or_option_in_a_documented_command_is_caught(tmp_path, monke
         load_params("params.yaml", set_params(lines[1][3:])[0])
     with pytest.raises(click.UsageError, match="--epoch"):
         check_command_line(lines[2][1:])
+
+
+FIGURE = re.compile(r"\s*\**[-+]?\d[\d,]*(\.\d+)?( ± \d+(\.\d+)?)?\**\s*(%|×|s|ms|min)?\s*")
+
+
+def test_no_table_of_figures_lies_outside_a_generated_block():
+    """A table of figures (85.26 ± 0.58, 1,290, 0.88×) must come from a renderer."""
+    hand = []
+    for doc in DOCS:
+        text = re.sub(r"<!-- (\S+):begin -->.*?<!-- \1:end -->", "", doc.read_text(), flags=re.S)
+        text = re.sub(r"<!-- methods:start -->.*?<!-- methods:end -->", "", text, flags=re.S)
+        hand += [f"{doc.name}: {line}" for line in text.splitlines() if line.startswith("|") and is_figures(line)]
+    assert hand == []
+
+
+def is_figures(row: str) -> bool:
+    """A row of measured figures: a cell with a decimal figure, or two cells of whole numbers."""
+    figures = [cell for cell in row.strip("|").split("|") if FIGURE.fullmatch(cell)]
+    return any("." in cell for cell in figures) or len(figures) >= 2
