@@ -101,6 +101,31 @@ def picture(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def kept_multiples(params_path: str, names: list[str], work: Path) -> list[float]:
+    """The budgets (as multiples of each student's own) whose finished runs are in `work`, and 1x."""
+    found = {1.0}
+    for name in names:
+        base = load_params(params_path).students[name].steps
+        found |= {int(folder.name.rpartition("_")[2]) / base for folder in work.glob(f"{name}_*")
+                  if (folder / "metrics.json").is_file()}
+    return sorted(found)
+
+
+def block(rows: list[dict], command: str, seeds: int, jobs: int, work: str, minutes: str = "") -> str:
+    return (f"Made by `{command}` ({seeds} seeds, {jobs} at once{minutes}; `--render-only` redraws it from "
+            f"`{work}`):\n\n{table(rows)}\n\n![accuracy against budget](budget.png)")
+
+
+def render_committed(params_path: str = "params.yaml", names: tuple[str, ...] = ("ce", "kd"),
+                     work: str = "data/budget") -> str:
+    """The block from the runs kept in `work` (and the pipeline's own at 1x), as `--render-only` writes it."""
+    multiples = kept_multiples(params_path, list(names), Path(work))
+    seeds = load_params(params_path).students[names[0]].seeds
+    rows = [run(params_path, name, k, seeds, Path(work), train=False, jobs=1) for name in names for k in multiples]
+    command = "python benchmarks/budget_curve.py --multiples " + " ".join(f"{k:g}" for k in multiples)
+    return block(rows, command, len(seeds), 3, work)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -124,9 +149,8 @@ def main() -> None:
     command = command_line("benchmarks/budget_curve.py", ap, args, skip=("render_only", "jobs"))
     minutes = "" if args.render_only else f", {sum(r['wall'] for r in rows) / 60:.0f} min here"
     docs = Path(args.docs)
-    write_block(docs / "benchmarks.md", "budget-curve", "Converged baselines: accuracy against budget",
-                f"Made by `{command}` ({len(args.seeds)} seeds, {args.jobs} at once{minutes}; `--render-only` "
-                f"redraws it from `{args.work}`):\n\n{text}\n\n![accuracy against budget](budget.png)")
+    write_block(docs / "results.md", "budget-curve", block(rows, command, len(args.seeds), args.jobs, args.work, minutes),
+                heading="Converged baselines: accuracy against budget")
     picture(rows, docs / "budget.png")
 
 

@@ -2,8 +2,8 @@
 
 Reads the metrics.json that `logitcache export CHECKPOINT --name NAME` wrote for each model
 (the DVC stages export@teacher, export@kd and export@pruned), plus the pruning figures,
-prints the tables and writes them into docs/benchmarks.md and README.md between the
-`<!-- deployment table -->` markers.
+prints the tables and writes them into docs/deployment.md between the `deployment` markers
+(benchmarks/docblock.py).
 
     dvc repro export@teacher export@kd export@pruned
     python benchmarks/deployment.py
@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 from pathlib import Path
 
+from docblock import write_named
+
+from logitcache.core import provenance
 from logitcache.core.runtimes import RUNTIMES
 
-START, END = "<!-- deployment table -->", "<!-- end deployment table -->"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    found = re.search(r"model name\s*:\s*(.+)", info.read_text()) if info.is_file() else None
-    return found.group(1).strip() if found else platform.processor() or "unknown CPU"
+NAMES = ("teacher", "kd", "pruned")
 
 
 def runtime_table(models: dict[str, dict]) -> list[str]:
@@ -62,34 +57,28 @@ def pruning_table(prune: dict, recovered: dict | None) -> list[str]:
             f"| pruned, distilled from the cache | {prune['params']:,} | {after} |"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deploy", default="data/deploy", help="folder of <name>/metrics.json from logitcache export")
-    parser.add_argument("--names", nargs="+", default=["teacher", "kd", "pruned"])
-    parser.add_argument("--prune", default="data/pruned/metrics.json", help="metrics.json of logitcache prune")
-    parser.add_argument("--recovered", default="data/students/pruned/metrics.json",
-                        help="metrics.json of the pruned model after train-student pruned")
-    parser.add_argument("--write", nargs="*", default=["docs/benchmarks.md", "README.md"])
-    args = parser.parse_args()
-
-    models = {n: json.loads((Path(args.deploy) / n / "metrics.json").read_text()) for n in args.names}
+def render(deploy: str = "data/deploy", names: tuple[str, ...] = NAMES, prune: str = "data/pruned/metrics.json",
+           recovered: str = "data/students/pruned/metrics.json") -> str:
+    """The tables, from the exports' metrics.json (and the pruning's, when there is one)."""
+    models = {n: json.loads((Path(deploy) / n / "metrics.json").read_text()) for n in names}
+    first = models[names[0]]
     threads = {m["threads"] for m in models.values()}
-    lines = [f"{cpu_name()}, {', '.join(map(str, sorted(threads)))} thread(s) for every runtime "
+    kernels = {m[provenance.KEY]["cpu_capability"] for m in models.values() if provenance.KEY in m}
+    where = f"{', '.join(sorted(kernels))} kernels, " if kernels else ""
+    lines = [f"{where}{', '.join(map(str, sorted(threads)))} thread(s) for every runtime "
              f"(`torch.get_num_threads()`, ONNX Runtime `intra_op_num_threads`); batch 1: median and p90 of "
-             f"{models[args.names[0]].get('latency_runs', 'the configured')} runs after warm-up; accuracy on the "
-             f"{models[args.names[0]]['test_images']:,} test images.", "", *runtime_table(models), "",
-             *compression_table(models, args.names[0])]
-    if Path(args.prune).is_file():
-        recovered = json.loads(Path(args.recovered).read_text()) if Path(args.recovered).is_file() else None
-        lines += ["", *pruning_table(json.loads(Path(args.prune).read_text()), recovered)]
-    table = "\n".join(lines)
-    print(table)
-    for path in map(Path, args.write):
-        text = path.read_text()
-        if START not in text:
-            raise SystemExit(f"{path} has no {START} ... {END} markers")
-        head, _, rest = text.partition(START)
-        path.write_text(f"{head}{START}\n{table}\n{END}{rest.partition(END)[2]}")
+             f"{first.get('latency_runs', 'the configured')} runs after warm-up; accuracy on the "
+             f"{first['test_images']:,} test images.", "", *runtime_table(models), "",
+             *compression_table(models, names[0])]
+    if Path(prune).is_file():
+        after = json.loads(Path(recovered).read_text()) if Path(recovered).is_file() else None
+        lines += ["", *pruning_table(json.loads(Path(prune).read_text()), after)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    print(write_named("deployment"))
 
 
 if __name__ == "__main__":

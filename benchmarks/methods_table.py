@@ -20,8 +20,6 @@ from pathlib import Path
 
 from docblock import command_line, write_block
 
-from logitcache.cache.format import form_dataset
-from logitcache.cache.reader import Cache
 from logitcache.core.config import load_params
 from logitcache.student.methods import describe, methods
 from logitcache.student.train import train_student
@@ -38,17 +36,6 @@ SETTINGS = {
     "pkt": ({"pkt": {"student": "block3", "teacher": "layer3"}}, 1.0),
     "crd": ({"crd": {"student": "block3", "teacher": "layer3"}}, 1.0),
 }
-
-
-def cache_bytes(cache_path: str, loss: dict) -> int:
-    """Bytes per sample of what the method reads from the cache (every view)."""
-    reads = set()
-    for name, settings in loss.items():
-        needs = methods()[name].needs(methods()[name].Config.model_validate(settings))
-        reads |= {"logits"} if needs.logits else set()
-        reads |= {form_dataset(t.layer, t.form) for t in [*needs.teacher, *needs.banks]}
-    with Cache(cache_path) as cache:
-        return sum(cache.file[name].nbytes for name in reads) // cache.num_samples
 
 
 def run(params_path: str, name: str, seeds: list[int], steps: int | None, out: Path, train: bool = True) -> dict:
@@ -68,8 +55,7 @@ def run(params_path: str, name: str, seeds: list[int], steps: int | None, out: P
     seconds = statistics.mean(sum(h["seconds"] for h in hist) for hist in runs)
     return {"name": name, "steps": steps, "acc": [metrics["per_seed"][str(s)]["test_acc"] for s in seeds],
             "agreement": metrics["agreement"], "seconds_per_step": seconds / steps,
-            "wall": time.perf_counter() - start, "reads": reads(loss),
-            "bytes": cache_bytes(params.students["kd"].caches[0], loss) if loss else 0}
+            "wall": time.perf_counter() - start, "reads": reads(loss)}
 
 
 def reads(loss: dict) -> list[str]:
@@ -82,17 +68,17 @@ def reads(loss: dict) -> list[str]:
     return out
 
 
-def table(rows: list[dict], seeds: list[int]) -> str:
+def table(rows: list[dict]) -> str:
     info = {m["name"]: m for m in map(describe, methods().values())}
     ce = next(r for r in rows if r["name"] == "ce")
-    lines = ["| method | family | reads from the cache | cache bytes / sample | steps | test acc (%) | "
-             "agreement (%) | time per step vs CE |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | family | reads from the cache | steps | test acc (%) | agreement (%) | time per step vs CE |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = info.get(r["name"], {"family": "baseline", "reads": []})
         mean = 100 * statistics.mean(r["acc"])
         std = 100 * statistics.stdev(r["acc"]) if len(r["acc"]) > 1 else 0.0
         reads = ", ".join(r["reads"]) or "nothing (labels only)"
-        lines.append(f"| {r['name']} | {m['family']} | {reads} | {r['bytes']:,} | {r['steps']:,} | {mean:.2f} ± {std:.2f} | "
+        lines.append(f"| {r['name']} | {m['family']} | {reads} | {r['steps']:,} | {mean:.2f} ± {std:.2f} | "
                      f"{100 * r['agreement']:.2f} | {r['seconds_per_step'] / ce['seconds_per_step']:.2f}× |")
     return "\n".join(lines)
 
@@ -116,6 +102,19 @@ def picture(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def block(rows: list[dict], command: str, seeds: int, minutes: str = "") -> str:
+    return (f"Made by `{command}` ({seeds} seeds{minutes}; `--render-only` rewrites this table from the runs in "
+            f"`--work`):\n\n{table(rows)}\n\n![test accuracy per method](methods.png)")
+
+
+def render_committed(work: str = "data/methods") -> str:
+    """The block from the runs kept in `work` (the method names and seeds those runs recorded)."""
+    names = [name for name in SETTINGS if (Path(work) / name / "metrics.json").is_file()]
+    seeds = json.loads((Path(work) / names[0] / "metrics.json").read_text())["seeds"]
+    rows = [run("params.yaml", name, seeds, None, Path(work), train=False) for name in names]
+    return block(rows, "python benchmarks/methods_table.py", len(seeds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -124,20 +123,17 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
     ap.add_argument("--work", default="data/methods", help="where the runs are written")
     ap.add_argument("--out", default="docs", help="folder of methods.md and methods.png")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="with --render-only: the training time to quote (the runs' own wall time)")
     ap.add_argument("--render-only", action="store_true", help="write the table from the runs already in --work")
     args = ap.parse_args()
     rows = [run(args.params, name, args.seeds, args.steps, Path(args.work), train=not args.render_only)
             for name in args.methods]
-    text = table(rows, args.seeds)
-    command = command_line("benchmarks/methods_table.py", ap, args, skip=("render_only", "minutes"))
-    minutes = args.minutes if args.render_only else sum(r["wall"] for r in rows) / 60
+    text = table(rows)
+    command = command_line("benchmarks/methods_table.py", ap, args, skip=("render_only",))
+    minutes = "" if args.render_only else f", {sum(r['wall'] for r in rows) / 60:.0f} min here"
     print(text)
     out = Path(args.out)
-    write_block(out / "methods.md", "methods-results", "Results on the default data",
-                f"Made by `{command}` ({len(args.seeds)} seeds, {minutes:.0f} min here; `--render-only` "
-                f"rewrites this table from the runs in `--work`):\n\n{text}\n\n![test accuracy per method](methods.png)")
+    write_block(out / "methods.md", "methods-results", block(rows, command, len(args.seeds), minutes),
+                heading="Results on the default data")
     picture(rows, out / "methods.png")
 
 

@@ -73,19 +73,46 @@ def params_options(flags: dict[str, str]):
                       help="Override one params key, e.g. -S teacher.epochs=3 (repeatable).")
         @functools.wraps(fn)
         def wrapper(params_path, overrides, **kwargs):
-            from logitcache.core.config import load_params
-
-            shortcuts = {f"--{name.replace('_', '-')}": f"{flags[name]}={value}" for name, value in kwargs.items()
-                         if name in flags and value is not None}
-            params = load_params(params_path, list(overrides), flags=shortcuts)
+            params = _load_params(flags, params_path, overrides, kwargs)
             return fn(params, **{k: v for k, v in kwargs.items() if k not in flags})
 
+        wrapper.params_flags = flags  # check_command_line validates a command's params without running it
         for name, key in reversed(flags.items()):
             wrapper = click.option(f"--{name.replace('_', '-')}", name, default=None,
                                    help=f"Override {key}.")(wrapper)
         return wrapper
 
     return decorate
+
+
+def _load_params(flags: dict[str, str], params_path, overrides, kwargs: dict):
+    """The validated params of one command: the file, then its shortcut flags, then its -S overrides."""
+    from logitcache.core.config import load_params
+
+    shortcuts = {f"--{name.replace('_', '-')}": f"{flags[name]}={value}" for name, value in kwargs.items()
+                 if name in flags and value is not None}
+    return load_params(params_path, list(overrides), flags=shortcuts)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Parse `logitcache ARGV` as the command would, and validate its params, without running the command.
+
+    A bad option or argument raises click.UsageError; a bad params key or value raises LogitcacheError.
+    The documentation's examples are checked this way (tests/test_docs.py).
+    """
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))  # the group's options are flags
+    if at == len(argv):
+        raise click.UsageError("no command given")
+    name, rest = argv[at], list(argv[at + 1:])
+    with main.make_context("logitcache", [*argv[:at], name]) as ctx:
+        command = main.get_command(ctx, name)
+        if command is None:
+            raise click.UsageError(f"no such command {name!r}", ctx)
+        with command.make_context(name, rest, parent=ctx) as sub:
+            flags = getattr(command.callback, "params_flags", None)
+            if flags is not None:
+                kwargs = {k: v for k, v in sub.params.items() if k not in ("params_path", "overrides")}
+                _load_params(flags, sub.params["params_path"], sub.params["overrides"], kwargs)
 
 
 @main.command("prepare-data")

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from logitcache.core import provenance
 from logitcache.core.config import Params
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import atomic_write, check_output_folder, output_lock, write_json
@@ -47,8 +48,8 @@ def _summarize(params: Params, out: str | Path) -> dict:
         figures, note = _deployment(Path(params.export.out) / name / "metrics.json", _checkpoints(folders[name]))
         row.update(figures)
         notes += [f"- {name}: {note}"] if note else []
-    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std", "val_acc_std") if row.get(k) is not None}
-            for name, row in rows.items()}
+    flat = {name: {k: row.get(k) for k in (*COLUMNS, "test_acc_std", "val_acc_std", provenance.KEY)
+                   if row.get(k) is not None} for name, row in rows.items()}
     table = markdown(rows) + ("\n" + "\n".join(notes) + "\n" if notes else "")  # rendered before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from logitcache.core.config import validate
 from logitcache.core.data import load_split
 from logitcache.core.io import load_model
 from logitcache.core.models import build_model, layer_channels, resize_layers
+from logitcache.core.provenance import environment
 from logitcache.core.views import Normalizer
 from logitcache.deploy.prune import prune_model
 from logitcache.student.train import train_student
@@ -76,6 +77,7 @@ def test_export_matches_pytorch_and_reports_int8(data_cfg, cache_dir, student_ck
     assert metrics["params"] == 9640 and metrics["onnx_int8"]["bytes"] == (folder / "model.int8.onnx").stat().st_size
     for key in ("pytorch", "onnx_fp32", "onnx_int8"):
         assert 0 < metrics[key]["latency_ms"] <= metrics[key]["latency_p90_ms"]
+    assert metrics["environment"] == environment().as_dict()
     assert json.loads((folder / "metrics.json").read_text()) == metrics
 
 

@@ -277,7 +277,7 @@ class StudentConfig(TrainConfig):
                                 "times (the others once), so the CE term sees more labeled rows per step")
     lr: float = Field(0.05, gt=0, description="peak learning rate of SGD with Nesterov momentum")
     workers: int = Field(0, ge=0, description="DataLoader worker processes that build batches (0: in the training "
-                         "process, the fastest on 2 cores; benchmarks/student_loop.py measures it)")
+                         "process; benchmarks/student_loop.py compares worker counts)")
     loss: dict[str, dict[str, Any] | None] = Field(
         default_factory=lambda: {"kd": {}},
         description="distillation methods and their settings, e.g. {kd: {temperature: 4}, at: {pairs: [[block2, "

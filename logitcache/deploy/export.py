@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from logitcache.core import provenance
 from logitcache.core.config import DataConfig, ExportConfig, Params, validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
@@ -87,7 +88,8 @@ def _export(params: Params, checkpoint: str | Path, out: Path, files: tuple[str,
                    "params": sum(p.numel() for p in model.parameters()),
                    "test_images": len(labels), "threads": threads, "latency_runs": cfg.latency_runs,
                    "throughput_runs": cfg.throughput_runs, "opset": cfg.opset, "atol": cfg.atol,
-                   **job.notes, "calibration_images": 0 if calibration is None else len(calibration), **runtimes}
+                   **job.notes, "calibration_images": 0 if calibration is None else len(calibration), **runtimes,
+                   provenance.KEY: provenance.environment().as_dict()}
         write_json(tmp / "metrics.json", metrics)
     return metrics
 

@@ -12,6 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from logitcache.core import provenance
 from logitcache.core.config import Params
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
@@ -48,7 +49,8 @@ def _prune(params: Params, checkpoint: str | Path, out: Path) -> dict:
     metrics = {"model": info["model"], "ratio": cfg.ratio, "source": str(checkpoint),
                "params_before": before["params"], "params": after["params"],
                "params_kept": after["params"] / before["params"],
-               "test_acc_before": before["test_acc"], "test_acc": after["test_acc"]}
+               "test_acc_before": before["test_acc"], "test_acc": after["test_acc"],
+               provenance.KEY: provenance.environment().as_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
     record_files(out.parent, [out.name, "metrics.json"], "prune")
     write_json(out.with_name("metrics.json"), metrics)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from logitcache.core import provenance
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.distributed import Dist
 from logitcache.core.io import save_checkpoint, write_json
@@ -185,7 +186,8 @@ def _final_metrics(run: Run, history: list[dict]) -> dict:
                    labeled=int(run.plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
                    steps=history[-1]["steps"], samples=sum(h["samples"] for h in history),
                    threads=torch.get_num_threads(), train_seconds=seconds,
-                   seconds_per_epoch=seconds / history[-1]["epoch"])
+                   seconds_per_epoch=seconds / history[-1]["epoch"],
+                   **{provenance.KEY: provenance.environment(run.device).as_dict()})
     metrics.update(origin(run.plan.train, run.plan.cache.teacher_sha256 if run.plan.cache else None,
                           run.config["caches"]))
     return metrics

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache.core import interrupt
+from logitcache.core import interrupt, provenance
 from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
@@ -114,4 +114,6 @@ def aggregate(runs: list[dict], seeds: list[int]) -> dict:
             summary[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     summary["per_seed"] = {str(s): {k: r[k] for k in ("test_acc", "val_acc", "agreement", "kl_to_teacher", "selected_step")}
                            for s, r in zip(seeds, runs)}
+    environments = [r.get(provenance.KEY) for r in runs]
+    summary[provenance.KEY] = environments[0] if all(e == environments[0] for e in environments) else environments
     return summary

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from logitcache.core import provenance
 from logitcache.core.config import Params, TeacherConfig, save_config
 from logitcache.core.data import IndexedDataset, Split, check_prepared, holdout, load_split
 from logitcache.core.distributed import Dist
@@ -68,7 +69,8 @@ def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
     metrics = {**scored.accuracy(), **selected, "params": sum(p.numel() for p in run.model.parameters()),
                "steps": run.cfg.epochs * len(run.loader), "train_seconds": sum(h["seconds"] for h in history),
                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history), "device": run.device.type,
-               "world_size": dist.world_size, **({"init_val_acc": history[0].get("init_val_acc")} if run.cfg.init else {})}
+               "world_size": dist.world_size, **({"init_val_acc": history[0].get("init_val_acc")} if run.cfg.init else {}),
+               provenance.KEY: provenance.environment(run.device).as_dict()}
     _write_outputs(run, metrics, scored, history)
     run.checkpointer.discard()
     return metrics
