@@ -29,9 +29,15 @@ def test_verify_settings_that_would_disable_or_misdirect_the_check_are_refused(a
     assert result.exit_code == 2 and result.output == f"error: {words}\n", result.output
 
 
-def test_verify_reports_a_kl_that_is_never_negative(data_cfg, teacher_ckpt, cache_dir):
+def test_verify_reports_a_kl_that_is_never_negative(data_cfg, teacher_ckpt, cache_dir, monkeypatch):
+    """A KL of two nearly equal distributions can come out of floating point a hair below zero (-3.5e-08 was
+    seen); verify reports it as 0. The rounding is forced here, so the test does not depend on which rows it draws."""
+    import torch.nn.functional as F
+
+    kl_div = F.kl_div
+    monkeypatch.setattr(F, "kl_div", lambda *a, **k: kl_div(*a, **k) * 0 - 3.5e-08)
     report = verify(cache_dir / "train.h5", teacher_ckpt, data_cfg, samples=16)
-    assert report["kl_t1"] >= 0.0
+    assert report["kl_t1"] == 0.0
 
 
 def test_an_unfinished_dump_is_described_without_none_for_its_teacher(tmp_path):

@@ -70,5 +70,20 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", test_cache: str 
         raise LogitcacheError(f"checkpoint {path} records no data config; give a student.pt from train-student")
     data = validate({"data": ckpt["config"]["data"]}, source=f"data config of checkpoint {path}").data
     student = ckpt["config"].get("student", {})
+    if test_cache is not None:
+        _check_teacher(test_cache, ckpt.get("teacher_sha256"), path)
     return evaluate_model(place(model, dev), data, dev, test_cache or student.get("test_cache"),
                           model_info=ckpt["model_info"])
+
+
+def _check_teacher(test_cache: str, teacher_sha256: str | None, path: str | Path) -> None:
+    """Agreement and KL are against a teacher: a test cache of another teacher than the one the student was
+    distilled from would score it against the wrong targets. (A student without a recorded teacher, trained by
+    cross-entropy alone or by an older logitcache, is scored against any.)"""
+    if teacher_sha256 is None:
+        return
+    with Cache(test_cache) as cache:
+        if cache.teacher_sha256 != teacher_sha256:
+            raise LogitcacheError(f"--test-cache {test_cache} was made by another teacher checkpoint (sha256 "
+                                  f"{cache.teacher_sha256[:16]}…) than the one {path} was distilled from "
+                                  f"({teacher_sha256[:16]}…); give the test cache dumped with that teacher")

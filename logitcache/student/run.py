@@ -202,6 +202,7 @@ def _write_outputs(run: Run, metrics: dict, history: list[dict]) -> None:
     adapters = {f"{name}.{key}": value for name, method in run.learner.methods.items()
                 for key, value in method.learned_state().items()}
     save_checkpoint(job.out / "student.pt", _cpu(run.student.state_dict()), run.config, adapters=_cpu(adapters),
+                    teacher_sha256=run.plan.cache.teacher_sha256 if run.plan.cache else None,  # evaluate checks it
                     model_info={"model": job.cfg.model, "in_channels": train.channels,
                                 "num_classes": train.num_classes,
                                 **({"channels": layer_channels(run.student)} if job.cfg.init else {})})
