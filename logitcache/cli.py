@@ -27,11 +27,21 @@ class Group(click.Group):
         except LogitcacheError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {_own_line(e)}", err=True)
+            _error(_own_line(e))
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo(f"error: interrupted; unfinished outputs were not written; {_how_to_continue(ctx)}", err=True)
+            _error(f"interrupted; unfinished outputs were not written; {_how_to_continue(ctx)}")
             sys.exit(130)
+
+
+def _error(message: str) -> None:
+    """`error: ...` on a line of its own: a progress bar the error stopped is closed first, so the line does not
+    continue the bar's."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    click.echo(f"error: {message}", err=True)
 
 
 def _how_to_continue(ctx: click.Context) -> str:

@@ -169,3 +169,23 @@ def test_the_interrupt_message_tells_how_to_continue_this_command(command, patch
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 130
     assert result.output == f"error: interrupted; unfinished outputs were not written; {advice}\n"
+
+
+def test_an_error_that_stops_a_progress_bar_starts_a_line_of_its_own(tmp_path):
+    """A run stopped mid-bar (a refusal, or Ctrl-C) prints its one line after the bar, not at the end of the bar's."""
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import click\n"
+        "from tqdm import tqdm\n"
+        "from logitcache.cli import main\n"
+        "from logitcache.core.errors import LogitcacheError\n"
+        "@main.command('stopped')\n"
+        "def stopped():\n"
+        "    bar = tqdm(range(10), desc='teacher 2/4', leave=False)\n"
+        "    batches = iter(bar)\n"
+        "    next(batches)  # mid-epoch: the bar is still open when the error reaches the CLI\n"
+        "    raise LogitcacheError('stopped mid-epoch')\n"
+        "main(['stopped'])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "teacher 2/4" in done.stderr and done.stderr.strip().splitlines()[-1] == "error: stopped mid-epoch"
