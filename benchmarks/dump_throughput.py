@@ -34,12 +34,12 @@ def bare_inference(params, teacher, n: int) -> float:
     cfg = params.dump
     split = load_split(params.data, "train")
     spec = ViewSpec.from_config(cfg.augment)
-    vparams = view_params(spec, cfg.seed, np.arange(len(split)), cfg.views)
+    view_table = view_params(spec, cfg.seed, np.arange(len(split)), cfg.views)
     device = select_device(cfg.device)
     model = teacher.model.to(device).eval()
     prepare = Normalizer(split.mean, split.std)
-    per_batch = max(1, cfg.batch_size // vparams.shape[1])
-    loader = DataLoader(Subset(ViewDataset(split, vparams, ViewRenderer(spec)), range(n)), batch_size=per_batch,
+    per_batch = max(1, cfg.batch_size // view_table.shape[1])
+    loader = DataLoader(Subset(ViewDataset(split, view_table, ViewRenderer(spec)), range(n)), batch_size=per_batch,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
     amp = device.type == "cuda" and cfg.amp
     start = time.perf_counter()

@@ -271,7 +271,7 @@ def test_unreadable_partial_is_an_error_and_is_kept(tmp_path, monkeypatch):
 
 
 class Exchange:
-    """all_reduce(sum) between threads: stands in for gloo to test the meeting protocol of `shards.together`."""
+    """all_reduce(sum) between threads: stands in for gloo to test the meeting protocol of `shards.on_every_rank`."""
 
     def __init__(self, world: int):
         self.barrier = threading.Barrier(world, timeout=10)  # a protocol mismatch breaks it instead of hanging
@@ -299,12 +299,12 @@ class ThreadDist(Dist):
 
 
 def run_ranks(work: dict):
-    """Run shards.together(dist, work[rank]) on one thread per rank; each rank's result or exception."""
+    """Run shards.on_every_rank(dist, work[rank]) on one thread per rank; each rank's result or exception."""
     exchange, results = Exchange(len(work)), {}
 
     def rank_main(rank):
         try:
-            results[rank] = shards.together(ThreadDist(rank, len(work), rank, exchange=exchange), work[rank])
+            results[rank] = shards.on_every_rank(ThreadDist(rank, len(work), rank, exchange=exchange), work[rank])
         except Exception as e:
             results[rank] = e
 
@@ -318,11 +318,11 @@ def run_ranks(work: dict):
 
 def test_ranks_meet_after_every_unit_of_work_and_one_failure_stops_all():
     def units(count, fail_at=None):
-        def step(beat):
+        def step(heartbeat):
             for i in range(count):
                 if i == fail_at:
                     raise LogitcacheError(f"bad sample {i}")
-                beat()
+                heartbeat()
             return count
         return step
 
@@ -336,9 +336,9 @@ def test_ranks_meet_after_every_unit_of_work_and_one_failure_stops_all():
     results, _ = run_ranks({0: units(0, fail_at=None), 1: units(1, fail_at=0)})  # failure during validation
     assert str(results[1]) == "bad sample 0" and "another rank failed" in str(results[0])
 
-    def dies(beat):  # killed without a word: it never meets again
-        beat()
-        beat.dist.exchange.barrier.abort()
+    def dies(heartbeat):  # killed without a word: it never meets again
+        heartbeat()
+        heartbeat.dist.exchange.barrier.abort()
         raise ProcessLookupError("killed")
 
     results, _ = run_ranks({0: units(5), 1: dies})

@@ -19,7 +19,7 @@ from logitcache.cli import main
 from logitcache.core.config import validate
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher, stored_form
+from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
 from logitcache.core.views import Normalizer, ViewRenderer, ViewSpec
 from logitcache.teacher.dump import dump_teacher
 
@@ -73,9 +73,9 @@ def test_round_trip_rows_equal_independently_recomputed_teacher_outputs(data_cfg
     teacher = load_teacher(teacher_ckpt)
     rows = np.array([0, 17, 599])
     with Cache(path) as cache:
-        vparams = cache.view_params()
+        view_table = cache.view_params()
     render = ViewRenderer(ViewSpec(2, True))
-    images = torch.stack([render(split.images[i], p) for i in rows for p in vparams[i]])
+    images = torch.stack([render(split.images[i], p) for i in rows for p in view_table[i]])
     extractor = create_feature_extractor(teacher.model.eval(), {"layer1": "layer1", "layer2": "layer2", "fc": "logits"})
     with torch.inference_mode():
         out = extractor(Normalizer(split.mean, split.std)(images))
@@ -116,8 +116,8 @@ def test_recorded_teacher_accuracy_equals_a_forward_pass_over_every_row(data_cfg
 def test_every_stored_form_is_what_stored_form_returns_to_the_bit(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
     """--online and inspect --verify recompute rows with `stored_form`: the dump must have written exactly that."""
     seen = []
-    original = FeatureTaker.forward
-    monkeypatch.setattr(FeatureTaker, "forward", lambda self, x: seen.append(original(self, x)) or seen[-1])
+    original = FeatureExtractor.forward
+    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, x: seen.append(original(self, x)) or seen[-1])
     [path] = dump_teacher(dump_params(data_cfg, teacher_ckpt, tmp_path, layers=FORMS, views=2))
     with Cache(path) as cache:
         for layer, record in cache.layers.items():
@@ -130,8 +130,8 @@ def test_every_stored_form_is_what_stored_form_returns_to_the_bit(data_cfg, teac
 @pytest.mark.slow
 def test_replayed_view_is_bit_identical_to_the_dumped_input(data_cfg, teacher_ckpt, tmp_path, monkeypatch):
     seen = []
-    original = FeatureTaker.forward
-    monkeypatch.setattr(FeatureTaker, "forward", lambda self, x: seen.append(x.clone()) or original(self, x))
+    original = FeatureExtractor.forward
+    monkeypatch.setattr(FeatureExtractor, "forward", lambda self, x: seen.append(x.clone()) or original(self, x))
     params = dump_params(data_cfg, teacher_ckpt, tmp_path, layers=[],
                          augment={"crop_padding": 2, "flip": True, "policy": [{"name": "ColorJitter", "brightness": 0.5}]})
     [path] = dump_teacher(params)

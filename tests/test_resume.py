@@ -325,7 +325,7 @@ def test_a_resume_file_of_an_older_layout_is_refused_in_one_line(data_cfg, cache
     saved = load_checkpoint(out / "student.pt")["config"]
     (out / "student.pt").unlink()
     old = {**saved, "world_size": 1}  # the settings an older logitcache recorded: no layout
-    save_checkpoint(out / RESUME, {"learner": {"taker.conv.weight": torch.zeros(1)}}, old, epoch=1, history="[]")
+    save_checkpoint(out / RESUME, {"learner": {"extractor.conv.weight": torch.zeros(1)}}, old, epoch=1, history="[]")
     with pytest.raises(LogitcacheError, match=r"resume.pt was saved with other settings \(resume_layout\); rerun "
                                               "without --resume"):
         train_student(params, "kd", resume=True)

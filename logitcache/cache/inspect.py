@@ -15,7 +15,7 @@ from logitcache.cache.reader import Cache
 from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher, stored_form
+from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
 from logitcache.core.views import ViewRenderer
 
 
@@ -93,7 +93,7 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
         params = cache.view_params()[rows, views]
         render = ViewRenderer(cache.spec)
         images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
-        extractor = FeatureTaker(teacher.model, list(cache.layers)).eval()
+        extractor = FeatureExtractor(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
             out = extractor(teacher.input_for(split)(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]

@@ -52,7 +52,7 @@ def load_teacher(path: str | Path) -> Teacher:
     return Teacher(model.eval(), ckpt["model_info"], digest, Preprocess.of_checkpoint(ckpt["model_info"]))
 
 
-class FeatureTaker(nn.Module):
+class FeatureExtractor(nn.Module):
     """The teacher as {'logits': ..., <layer>: ...} through torchvision's feature_extraction."""
 
     def __init__(self, model: nn.Module, layers: list[str]):

@@ -8,7 +8,7 @@ import torch
 
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, load_teacher, stored_form
+from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
 from logitcache.core.training import place, to_input
 from logitcache.student.methods import TeacherOut
 from logitcache.student.plan import Plan
@@ -24,7 +24,7 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     if teacher.sha256 != info.teacher_sha256:
         raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")
     wanted = plan.needs.teacher
-    extractor = place(FeatureTaker(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
+    extractor = place(FeatureExtractor(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
     dtype = getattr(torch, info.logits_dtype)
     teacher_input = teacher.input_for(plan.train)
 

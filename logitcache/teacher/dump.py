@@ -21,7 +21,7 @@ from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.features import FeatureTaker, Teacher, activation_side, load_teacher, stored_form
+from logitcache.core.features import FeatureExtractor, Teacher, activation_side, load_teacher, stored_form
 from logitcache.core.forms import FORMS
 from logitcache.core.io import check_output_folder, output_lock
 from logitcache.core.training import place, to_input
@@ -62,7 +62,7 @@ def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
     """
     check_output_folder(params.dump.out, "dump.out")
     with output_lock(params.dump.out, "dump-teacher", hold=dist.is_main):
-        teacher = shards.together(dist, lambda beat: load_teacher(params.dump.teacher))
+        teacher = shards.on_every_rank(dist, lambda heartbeat: load_teacher(params.dump.teacher))
         _check_other_splits(params.dump, teacher)
         return [dump_split(params, teacher, split, dist) for split in params.dump.splits]
 
@@ -96,9 +96,9 @@ class SplitJob:
     cfg: DumpConfig
     split: Split
     dataset: ViewDataset
-    vparams: np.ndarray
+    view_table: np.ndarray
     codes: np.ndarray
-    taker: FeatureTaker
+    extractor: FeatureExtractor
     prepare: Callable
     device: torch.device
     amp: bool
@@ -109,12 +109,12 @@ class SplitJob:
 
     @property
     def n(self) -> int:
-        return len(self.vparams)
+        return len(self.view_table)
 
     @property
     def per_batch(self) -> int:
         """Samples per teacher batch (all their views go through together)."""
-        return max(1, self.cfg.batch_size // self.vparams.shape[1])
+        return max(1, self.cfg.batch_size // self.view_table.shape[1])
 
 
 def prepare_split(params: Params, teacher: Teacher, split_name: str, device: torch.device) -> SplitJob:
@@ -124,18 +124,18 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     spec = ViewSpec.from_config(cfg.augment)
     views = cfg.views if split_name == "train" else 1
     check_view_count(spec, views, "dump.views")
-    vparams = view_params(spec, cfg.seed, np.arange(len(split)), views)
+    view_table = view_params(spec, cfg.seed, np.arange(len(split)), views)
     specs = cfg.layer_specs()
-    taker = place(FeatureTaker(teacher.model, [layer.name for layer in specs]), device).eval()
+    extractor = place(FeatureExtractor(teacher.model, [layer.name for layer in specs]), device).eval()
     prepare = teacher.input_for(split)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
-    layers, classes = _layer_records(taker, specs, split, prepare, device)
-    record = _metadata(cfg, teacher, split, spec, vparams, layers)
+    layers, classes = _layer_records(extractor, specs, split, prepare, device)
+    record = _metadata(cfg, teacher, split, spec, view_table, layers)
     arrays = _layout(cfg, record, classes, spec)
     run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
                                          "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
-    return SplitJob(cfg, split, ViewDataset(split, vparams, ViewRenderer(spec)), vparams, crop_flip_codes(vparams, spec),
-                    taker, prepare, device, amp, arrays, record, run_key, cache_path(cfg, split_name))
+    return SplitJob(cfg, split, ViewDataset(split, view_table, ViewRenderer(spec)), view_table, crop_flip_codes(view_table, spec),
+                    extractor, prepare, device, amp, arrays, record, run_key, cache_path(cfg, split_name))
 
 
 def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = Dist.single()) -> Path:
@@ -159,21 +159,21 @@ def _dump_split_sharded(params: Params, teacher: Teacher, split_name: str, dist:
     """Every rank: validate, then dump its own shard; rank 0: merge once all are complete. Collective."""
     cfg = params.dump
 
-    def prepare(beat) -> SplitJob:
+    def prepare(heartbeat) -> SplitJob:
         job = prepare_split(params, teacher, split_name, dist.device(cfg.device))
         # the same refusal on every rank; only rank 0 also tries the file's lock (a reader holding it open)
         refuse_existing(job.path, cfg.overwrite, check_lock=dist.is_main)
         return job
 
-    job = shards.together(dist, prepare)
+    job = shards.on_every_rank(dist, prepare)
     plan = shards.plan(job.path, job.n, job.per_batch, dist.world_size)
-    shards.together(dist, lambda beat: dump_shard(job, plan[dist.rank], progress=dist.is_main, beat=beat))
-    shards.together(dist, lambda beat: merge_shards(job, plan, beat) if dist.is_main else None)
+    shards.on_every_rank(dist, lambda heartbeat: dump_shard(job, plan[dist.rank], progress=dist.is_main, heartbeat=heartbeat))
+    shards.on_every_rank(dist, lambda heartbeat: merge_shards(job, plan, heartbeat) if dist.is_main else None)
     return job.path
 
 
 def dump_shard(job: SplitJob, shard: shards.Shard, progress: bool = True,
-               beat: shards.Beat = shards.no_beat) -> None:
+               heartbeat: shards.HeartbeatFn = shards.no_heartbeat) -> None:
     """Write one rank's shard file (resumable on its own); a complete shard of this very command is kept."""
     if not shard.size:
         return
@@ -186,29 +186,29 @@ def dump_shard(job: SplitJob, shard: shards.Shard, progress: bool = True,
         if writer.rows_done:
             shards.note(f"rank {shard.rank}: resuming {writer.partial} at row {writer.rows_done} of {shard.size}")
         _fill(writer, job, offset=shard.start, progress=progress,
-              desc=f"dump {job.split.name} [rank {shard.rank} of {shard.world}]", beat=beat)
+              desc=f"dump {job.split.name} [rank {shard.rank} of {shard.world}]", heartbeat=heartbeat)
         writer.finish({"shard": shard.describe(job.run_key), "record": job.record})
     finally:
         writer.close()
 
 
-def merge_shards(job: SplitJob, plan: list[shards.Shard], beat: shards.Beat = shards.no_beat) -> Path:
+def merge_shards(job: SplitJob, plan: list[shards.Shard], heartbeat: shards.HeartbeatFn = shards.no_heartbeat) -> Path:
     """Rank 0: copy the complete shards into the final cache, verify and score it like any dump, drop the shards."""
     shards.check(plan, job.run_key)
     cfg = job.cfg
     writer = CacheWriter(job.path, job.n, job.arrays, shards.merge_key(job.run_key, len(plan)), cfg.compression,
                          cfg.overwrite)
     try:
-        shards.copy_into(writer, plan, beat)
-        path = _verify_and_finish(writer, job, beat)
+        shards.copy_into(writer, plan, heartbeat)
+        path = _verify_and_finish(writer, job, heartbeat)
     finally:
         writer.close()
     shards.remove(path)
     return path
 
 
-def _verify_and_finish(writer: CacheWriter, job: SplitJob, beat: shards.Beat = shards.no_beat) -> Path:
-    record = {**job.record, "teacher_accuracy": _verify_and_score(writer, job.split, job.record, beat)}
+def _verify_and_finish(writer: CacheWriter, job: SplitJob, heartbeat: shards.HeartbeatFn = shards.no_heartbeat) -> Path:
+    record = {**job.record, "teacher_accuracy": _verify_and_score(writer, job.split, job.record, heartbeat)}
     return writer.finish(record)
 
 
@@ -242,13 +242,13 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
 
 
 @torch.inference_mode()
-def _layer_records(taker: FeatureTaker, specs: list[LayerSpec], split: Split, prepare, device) -> tuple[list[dict], int]:
+def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], split: Split, prepare, device) -> tuple[list[dict], int]:
     """Each layer's metadata record (activation side, stored forms with their shapes) and the class count,
     probed with a forward pass of two samples through `stored_form`, the function that computes every row."""
-    out = taker(prepare(split.images[:2].to(device)))
+    out = extractor(prepare(split.images[:2].to(device)))
     records = []
     for spec in specs:
-        record = {"name": spec.name, "activation": activation_side(taker.net, spec.name),
+        record = {"name": spec.name, "activation": activation_side(extractor.net, spec.name),
                   "forms": {form: FORMS[form].settings(spec) for form in spec.forms}}
         for form, info in record["forms"].items():
             info["shape"] = list(stored_form(out[spec.name].float(), form, record).shape[1:])
@@ -270,7 +270,7 @@ def _layout(cfg: DumpConfig, record: dict, classes: int, spec: ViewSpec) -> dict
     return arrays
 
 
-def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, vparams, layers: list[dict]) -> dict:
+def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, view_table, layers: list[dict]) -> dict:
     return {
         "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "logitcache_version": __version__,
         "teacher": teacher.identity(),
@@ -279,9 +279,9 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
                       "preprocess": teacher.preprocess_for(split).to_json(),
                       "input": "uint8 view -> teacher preprocess (resize, center crop, grey to RGB where the teacher "
                                "needs it, float32 / 255, its mean and std); normalize is the data set's"},
-        "views": {"count": int(vparams.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
-                  else ("eval" if vparams.shape[1] == 1 else "random"),
-                  "seed": cfg.seed, "eval_view": eval_view(vparams, spec),
+        "views": {"count": int(view_table.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
+                  else ("eval" if view_table.shape[1] == 1 else "random"),
+                  "seed": cfg.seed, "eval_view": eval_view(view_table, spec),
                   "code": "(top * (2 * crop_padding + 1) + left) * 2 + flip"},
         "dtypes": {"logits": cfg.logits_dtype, "forms": "float16", "index": "int64", "labels": "int64",
                    "views/code": code_dtype(spec)},
@@ -291,10 +291,10 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
 
 
 def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = True, desc: str | None = None,
-          beat: shards.Beat = shards.no_beat) -> None:
+          heartbeat: shards.HeartbeatFn = shards.no_heartbeat) -> None:
     """Samples offset + [rows_done, writer.n) into the writer's rows [rows_done, writer.n), in whole batches."""
-    cfg, vparams, device = job.cfg, job.vparams, job.device
-    v = vparams.shape[1]
+    cfg, view_table, device = job.cfg, job.view_table, job.device
+    v = view_table.shape[1]
     start = writer.rows_done
     rows = torch.utils.data.Subset(job.dataset, range(offset + start, offset + writer.n))
     loader = DataLoader(rows, batch_size=job.per_batch, num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -307,12 +307,12 @@ def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = 
             b = len(labels)
             x = to_input(images.flatten(0, 1), device, job.prepare)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=job.amp):
-                out = job.taker(x)
+                out = job.extractor(x)
             batch = _rows(out, b, v, cfg, job.record["layers"], index)
             batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/code": job.codes[index.numpy()]})
             background.submit(int(index[0]) - offset, batch)
             bar.update(b)
-            beat()
+            heartbeat()
     finally:
         bar.close()
         background.drain()
@@ -350,12 +350,12 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, layers:
 
 
 def _verify_and_score(writer: CacheWriter, split: Split, record: dict,
-                      beat: shards.Beat = shards.no_beat) -> dict:
+                      heartbeat: shards.HeartbeatFn = shards.no_heartbeat) -> dict:
     """Read every array back in blocks (checksums, finiteness, index, labels) and score the teacher on it."""
     f, path = writer.file, writer.partial
     labels = split.labels.numpy()
-    ev = record["views"]["eval_view"]
-    hits = np.zeros(len(split), dtype=bool) if ev is not None else None
+    eval_index = record["views"]["eval_view"]
+    hits = np.zeros(len(split), dtype=bool) if eval_index is not None else None
     correct = 0
     for name in writer.arrays:
         for lo, block in read_blocks(f[name], path):
@@ -371,7 +371,7 @@ def _verify_and_score(writer: CacheWriter, split: Split, record: dict,
                 match = top1 == labels[rows, None]
                 correct += int(match.sum())
                 if hits is not None:
-                    hits[rows] = match[:, ev]
-            beat()
+                    hits[rows] = match[:, eval_index]
+            heartbeat()
     total = len(split) * record["views"]["count"]
     return {"all_views": correct / total, "eval_view": None if hits is None else float(hits.mean())}

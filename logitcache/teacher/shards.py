@@ -27,10 +27,10 @@ from logitcache.core.errors import LogitcacheError
 from logitcache.teacher.writer import CacheWriter
 
 T = TypeVar("T")
-Beat = Callable[[], None]  # called by a rank after each unit of its work (see Heartbeat)
+HeartbeatFn = Callable[[], None]  # called by a rank after each unit of its work (see Heartbeat)
 
 
-def no_beat() -> None:
+def no_heartbeat() -> None:
     """Nobody to meet: a world of one, or a direct call outside a torchrun phase."""
 
 
@@ -109,7 +109,7 @@ def _check(shard: Shard, base_key: str) -> None:
                               "rerun the same torchrun command to redo it")
 
 
-def copy_into(writer: CacheWriter, shards: list[Shard], beat: Beat = no_beat) -> None:
+def copy_into(writer: CacheWriter, shards: list[Shard], heartbeat: HeartbeatFn = no_heartbeat) -> None:
     """Copy the shards' rows, in blocks aligned to the final file's chunks, from where the writer stands."""
     step = 8 * min(writer.file[name].chunks[0] for name in writer.arrays)
     for shard in shards:
@@ -121,7 +121,7 @@ def copy_into(writer: CacheWriter, shards: list[Shard], beat: Beat = no_beat) ->
                 hi = min(shard.stop, (lo // step + 1) * step)
                 rows = slice(lo - shard.start, hi - shard.start)
                 writer.write(lo, {name: read_rows(f[name], rows, shard.path) for name in writer.arrays})
-                beat()
+                heartbeat()
                 lo = hi
 
 
@@ -184,19 +184,19 @@ class Heartbeat:
                 self.dist.sum([0.0, 1.0])
 
 
-def together(dist: Dist, step: Callable[[Heartbeat], T]) -> T:
-    """Run `step(beat)` on this rank (it calls beat() after each unit of work), then wait for the others.
+def on_every_rank(dist: Dist, step: Callable[[Heartbeat], T]) -> T:
+    """Run `step(heartbeat)` on this rank (it calls heartbeat() after each unit of work), then wait for the others.
 
     When any rank fails, every rank stops: the failing one with its own error, the others
     with a line pointing to it, so no rank waits for one that is gone.
     """
-    beat = Heartbeat(dist)
+    heartbeat = Heartbeat(dist)
     try:
-        result = step(beat)
+        result = step(heartbeat)
     except Exception:
-        beat.fail()
+        heartbeat.fail()
         raise
-    beat.done()
+    heartbeat.done()
     return result
 
 
