@@ -52,10 +52,18 @@ def _file(path: str | None) -> str | None:
 
 
 class AugmentConfig(Section):
-    """A replayable augmentation policy: crop offsets and flip, then optional transforms.v2 ops."""
+    """A replayable augmentation policy: a crop box and flip, then optional transforms.v2 ops."""
 
-    crop_padding: int = Field(2, ge=0, le=64, description="random crop after zero-padding each side by this many "
-                              "pixels (the image keeps its size); 0 = no crop")
+    kind: Literal["pad_crop", "random_resized_crop"] = Field(
+        "pad_crop", description="pad_crop: a crop of the zero-padded image at its own size (CIFAR style, for data sets "
+        "of one image size); random_resized_crop: a box of random area and aspect in the original image, resized to "
+        "each model's input size (ImageNet style; the evaluation view is the teacher's resize-then-center-crop)")
+    crop_padding: int = Field(2, ge=0, le=64, description="pad_crop: random crop after zero-padding each side by this "
+                              "many pixels (the image keeps its size); 0 = no crop")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: range of the box's area as a "
+                                       "fraction of the image's, as torchvision's RandomResizedCrop")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random_resized_crop: range of the box's aspect "
+                                       "ratio (width / height), as torchvision's RandomResizedCrop")
     flip: bool = Field(True, description="random horizontal flip")
     policy: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -76,6 +84,19 @@ class AugmentConfig(Section):
             except (TypeError, ValueError) as e:  # built once here, so that no run fails at its first image
                 raise ValueError(f"policy op {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return ops
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"{list(bounds)} must be two positive numbers, the smaller first")
+        return bounds
+
+    @model_validator(mode="after")
+    def _area_at_most_whole(self) -> "AugmentConfig":
+        if self.scale[1] > 1:
+            raise ValueError(f"scale {list(self.scale)}: a box's area is at most the image's (1.0)")
+        return self
 
 
 class DataConfig(Section):
@@ -293,6 +314,13 @@ class StudentConfig(TrainConfig):
                                           "and force_augment")
     force_augment: bool = Field(False, description="accept random augmentation on top of a 1-view cache (the "
                                 "teacher's targets then belong to other inputs)")
+    image_size: int | None = Field(None, ge=8, le=1024, description="the student's input side: each view's box is "
+                                   "rendered at this size (random_resized_crop views; e.g. 160 for a 224-pixel "
+                                   "teacher); null = the teacher's view size")
+    mean: list[float] | None = Field(None, description="the student's own input normalisation mean per channel; "
+                                     "null = the data set's statistics")
+    std: list[float] | None = Field(None, description="the student's own input normalisation std per channel; "
+                                    "null = the data set's statistics")
     labeled_fraction: float = Field(1.0, gt=0, le=1, description="fraction of training rows whose labels CE uses; "
                                     "distillation terms use every cached row")
     labeled_indices: str | None = Field(None, description="JSON file with a list of labeled sample indices")
@@ -309,6 +337,14 @@ class StudentConfig(TrainConfig):
                      "config.json; with seeds, each seed's run is in runs/seed<N>/ and metrics.json holds mean and std")
 
     _check_files = field_validator("labeled_indices", "teacher", "test_cache", "init")(_file)
+
+    @model_validator(mode="after")
+    def _normalisation_pairs(self) -> "StudentConfig":
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError("mean and std: give both, one value per input channel each, or neither")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise ValueError(f"std {self.std}: every value must be positive")
+        return self
 
     @field_validator("seeds")
     @classmethod

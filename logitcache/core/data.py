@@ -227,6 +227,19 @@ class Split:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.images.shape[2:])
 
+    @property
+    def is_files(self) -> bool:
+        return False
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) (height, width) of every original image."""
+        return np.tile(np.asarray(self.images.shape[2:], dtype=np.int32), (len(self), 1))
+
+    def read(self, i: int) -> torch.Tensor:
+        """Sample i's original uint8 (C, H, W) image."""
+        return self.images[i]
+
     def identity(self) -> dict:
         """What a cache records to prove which data made it."""
         return {"name": self.dataset, "split": self.name, "count": len(self), "fingerprint": self.fingerprint}
@@ -337,4 +350,4 @@ class IndexedDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        return self.transform(self.split.images[i]), self.split.labels[i], i
+        return self.transform(self.split.read(i)), self.split.labels[i], i

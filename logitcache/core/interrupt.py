@@ -28,8 +28,10 @@ def install() -> None:
 
 
 def _quiet_interrupt(info, default=sys.unraisablehook) -> None:
-    """A swallowed Ctrl-C is recorded, not printed as a traceback; anything else as usual."""
-    if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+    """A swallowed Ctrl-C is recorded, not printed as a traceback; after Ctrl-C, so is the noise of objects it cut
+    off half-built (a DataLoader iterator stopped while starting its workers fails in its destructor); anything
+    else as usual."""
+    if _received.is_set() or (info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt)):
         _received.set()
         return
     default(info)

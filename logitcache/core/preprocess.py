@@ -9,13 +9,15 @@ The teacher's checkpoint and every cache made from it record it; dump-teacher, `
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import Normalizer
+from logitcache.core.views import Normalizer, center_box
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -50,6 +52,10 @@ class Preprocess:
     def of_checkpoint(cls, info: dict) -> "Preprocess | None":
         """What a checkpoint's model_info records; None for one written before it was recorded (the data as it is)."""
         return cls.from_json(info["preprocess"]) if "preprocess" in info else None
+
+    def at_size(self) -> "Preprocess":
+        """The same normalisation for views already rendered at the model's size (box views): no resize, no crop."""
+        return replace(self, resize=None, crop=None)
 
     def override(self, **given) -> "Preprocess":
         """These fields replaced where a value is given (None keeps the field), checked."""
@@ -99,8 +105,94 @@ class TeacherInput:
         return self.normalize(images)
 
 
-def model_input(info: dict, split) -> "TeacherInput | Normalizer":
-    """How a checkpoint's model takes a split's uint8 images: a teacher's recorded preprocessing, or (a student, or
-    a checkpoint that records none) the data's normalisation."""
+@dataclass(frozen=True)
+class BoxInput:
+    """A model that takes boxes of the original images resized to its own side (random_resized_crop views, image
+    folders): `size` (None: the image's own size), the interpolation, and the evaluation view's region
+    (`resize`, `crop`: the box that resizing the shorter side to resize and centre-cropping crop keeps)."""
+
+    size: int | None
+    interpolation: str
+    resize: int | None
+    crop: int | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BoxInput":
+        return cls(data["size"], data["interpolation"], data["resize"], data["crop"])
+
+    @classmethod
+    def of_teacher(cls, pre: Preprocess) -> "BoxInput":
+        return cls(pre.crop, pre.interpolation, pre.resize, pre.crop)
+
+
+class EvalBox:
+    """uint8 (C, H, W) original -> its evaluation view at the model's size: the centre box resized (the same
+    rendering as every cached box view, so a test cache's view and a model's scored input agree)."""
+
+    def __init__(self, box_input: BoxInput):
+        self.box_input = box_input
+        self.interpolation = InterpolationMode(box_input.interpolation)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        b = self.box_input
+        h, w = image.shape[-2:]
+        top, left, height, width = (int(v) for v in center_box(np.array([h]), np.array([w]), b.resize, b.crop)[0])
+        size = [b.size, b.size] if b.size is not None else [h, w]
+        return TF.resized_crop(image, top, left, height, width, size, interpolation=self.interpolation,
+                               antialias=True).contiguous()
+
+
+def _identity(image: torch.Tensor) -> torch.Tensor:
+    return image
+
+
+@dataclass
+class ModelInput:
+    """How a model sees a split unaugmented: `render` turns one original uint8 image into the model's uint8 view
+    (in the loader: decoding and resizing happen in its workers), `prepare` a batch of views into the model's input
+    (on the device)."""
+
+    render: Callable[[torch.Tensor], torch.Tensor]
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+
+    def views(self, split, rows) -> torch.Tensor:
+        """The uint8 views of these rows of `split`, stacked."""
+        if self.render is _identity and not split.is_files:
+            return split.images[torch.as_tensor(np.asarray(rows, dtype=np.int64))]
+        return torch.stack([self.render(split.read(int(i))) for i in rows])
+
+    def inputs(self, split, rows) -> torch.Tensor:
+        """The model's input for these rows (on the CPU)."""
+        return self.prepare(self.views(split, rows))
+
+
+def model_input(info: dict, split) -> ModelInput:
+    """How a checkpoint's model takes a split's images. A model that records a box input (a student of
+    random_resized_crop views), or any model on an image folder, sees the centre box at its size; otherwise the
+    images as they are, through a teacher's recorded preprocessing, or (a student, or a checkpoint that records
+    none) the data's normalisation."""
     pre = Preprocess.of_checkpoint(info)
-    return TeacherInput(pre, split.channels) if pre else Normalizer(split.mean, split.std)
+    normalize = info.get("normalize", {"mean": split.mean, "std": split.std})
+    if "box_input" in info:
+        return ModelInput(EvalBox(BoxInput.from_json(info["box_input"])), Normalizer(normalize["mean"], normalize["std"]))
+    if split.is_files:
+        if pre is None or pre.crop is None:
+            raise LogitcacheError(f"model {info.get('model')} records no input size; an image folder's images differ "
+                                  "in size: import the teacher with its preprocessing (import-teacher --crop)")
+        return ModelInput(EvalBox(BoxInput.of_teacher(pre)), TeacherInput(pre.at_size(), split.channels))
+    if pre:
+        return ModelInput(_identity, TeacherInput(pre, split.channels))
+    return ModelInput(_identity, Normalizer(normalize["mean"], normalize["std"]))
+
+
+def data_input(split) -> ModelInput:
+    """A model that takes the data as it is, normalised with the data set's statistics."""
+    return model_input({}, split)
+
+
+def preprocess_input(pre: Preprocess, split) -> ModelInput:
+    """A teacher of this preprocessing on this split."""
+    return model_input({"preprocess": pre.to_json()}, split)

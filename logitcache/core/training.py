@@ -23,7 +23,7 @@ from logitcache.core.data import IndexedDataset, Split
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import load_checkpoint, save_checkpoint
-from logitcache.core.views import Normalizer
+from logitcache.core.preprocess import ModelInput, data_input
 
 
 def select_device(name: str, dist: Dist = Dist.single()) -> torch.device:
@@ -213,25 +213,28 @@ class Scored:
                 "test_top5": topk_accuracy(self.logits, self.labels, 5)}
 
 
-def score_split(model: nn.Module, split: Split, device: torch.device, prepare: Callable | None = None) -> Scored:
+def score_split(model: nn.Module, split: Split, device: torch.device, view: ModelInput | None = None,
+                workers: int = 0) -> Scored:
     """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split.
-    `prepare` renders its input (default: the data's normalisation)."""
-    loader = make_loader(IndexedDataset(split, nn.Identity()), 512, shuffle=False, seed=0, workers=0, device=device)
-    return Scored(*predict(model, loader, device, prepare or Normalizer(split.mean, split.std)))
+    `view` renders its input (default: the data's normalisation)."""
+    view = view or data_input(split)
+    loader = make_loader(IndexedDataset(split, view.render), 512, shuffle=False, seed=0, workers=workers,
+                         device=device)
+    return Scored(*predict(model, loader, device, view.prepare))
 
 
 def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: torch.device,
-                      prepare: Callable | None = None) -> Callable[[], dict]:
+                      view: ModelInput | None = None, workers: int = 0) -> Callable[[], dict]:
     """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy.
-    `prepare` renders its input (default: the data's normalisation)."""
-    loader = make_loader(Subset(IndexedDataset(split, nn.Identity()), rows.tolist()), 512, shuffle=False, seed=0,
-                         workers=0, device=device)
-    prepare = prepare or Normalizer(split.mean, split.std)
+    `view` renders its input (default: the data's normalisation)."""
+    view = view or data_input(split)
+    loader = make_loader(Subset(IndexedDataset(split, view.render), rows.tolist()), 512, shuffle=False, seed=0,
+                         workers=workers, device=device)
 
     def score() -> dict:
         if not len(rows):
             return {}
-        logits, labels = predict(model, loader, device, prepare)
+        logits, labels = predict(model, loader, device, view.prepare)
         return {"val_acc": topk_accuracy(logits, labels, 1), "val_loss": F.cross_entropy(logits, labels).item()}
 
     return score

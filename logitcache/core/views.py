@@ -27,6 +27,26 @@ EVAL_SEED = -1
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+PAD_CROP, RESIZED_CROP = "pad_crop", "random_resized_crop"
+BOX_FIELDS = ("seed", "top", "left", "height", "width", "flip")  # a random_resized_crop view's row
+
+
+@dataclass(frozen=True)
+class ViewBox:
+    """One view's geometry: a box in the original image's pixel coordinates, and a horizontal flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    @classmethod
+    def of_row(cls, row) -> "ViewBox":
+        """A random_resized_crop view's (seed, top, left, height, width, flip) row."""
+        return cls(*(int(v) for v in row[1:5]), bool(row[5]))
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """The augmentation policy that maps view parameters to an input image."""
@@ -34,24 +54,37 @@ class ViewSpec:
     padding: int
     flip: bool
     policy: tuple[dict[str, Any], ...] = field(default=())
+    kind: str = PAD_CROP
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig) -> "ViewSpec":
-        return cls(cfg.crop_padding, cfg.flip, tuple(cfg.policy))
+        return cls(cfg.crop_padding, cfg.flip, tuple(cfg.policy), cfg.kind, tuple(cfg.scale), tuple(cfg.ratio))
+
+    @property
+    def boxes(self) -> bool:
+        """Views are boxes of the original image resized to each model's size (random_resized_crop)."""
+        return self.kind == RESIZED_CROP
 
     @property
     def discrete_count(self) -> int | None:
         """Number of distinct views when the policy is a finite grid (crop offsets x flip), else None."""
-        if self.policy:
+        if self.policy or self.boxes:
             return None
         return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
 
     @classmethod
     def from_json(cls, data: dict) -> "ViewSpec":
         """The spec a cache recorded in its `transform.augment` attribute."""
+        if data.get("kind", PAD_CROP) == RESIZED_CROP:
+            return cls(0, data["flip"], tuple(data["policy"]), RESIZED_CROP, tuple(data["scale"]), tuple(data["ratio"]))
         return cls(data["crop_padding"], data["flip"], tuple(data["policy"]))
 
     def to_json(self) -> dict:
+        if self.boxes:
+            return {"kind": self.kind, "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip,
+                    "policy": list(self.policy)}
         return {"crop_padding": self.padding, "flip": self.flip, "policy": list(self.policy)}
 
     def random_transform(self, size: tuple[int, int]) -> v2.Transform:
@@ -150,16 +183,115 @@ def pair_params(spec: ViewSpec, seed: int, indices: np.ndarray, views: np.ndarra
     ], axis=-1)
 
 
+RESIZED_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before its central fallback
+
+
+def _uniform(seed: int, indices: np.ndarray, views: np.ndarray, salt: int) -> np.ndarray:
+    """A float64 in [0, 1) per (sample, view), from the counter hash."""
+    return (_hash(seed, indices, views, salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def resized_crop_boxes(spec: ViewSpec, seed: int, indices: np.ndarray, views: np.ndarray,
+                       sizes: np.ndarray) -> np.ndarray:
+    """Rows (seed, top, left, height, width, flip) of view `views[i]` of sample `indices[i]`: torchvision's
+    `RandomResizedCrop.make_params` (up to 10 boxes of random area and aspect, the first that fits, else the central
+    fallback), with its uniform draws taken from the counter hash of (seed, sample, view); `sizes` is the (N, 2)
+    (height, width) of every original image."""
+    indices, views = np.asarray(indices, dtype=np.int64), np.asarray(views, dtype=np.int64)
+    height, width = sizes[indices, 0].astype(np.int64), sizes[indices, 1].astype(np.int64)
+    (s0, s1), (r0, r1) = spec.scale, (np.log(spec.ratio[0]), np.log(spec.ratio[1]))
+    box = np.zeros(indices.shape + (4,), dtype=np.int64)
+    found = np.zeros(indices.shape, dtype=bool)
+    for attempt in range(RESIZED_CROP_ATTEMPTS):
+        salt = 4 + 4 * attempt
+        target = height * width * (s0 + (s1 - s0) * _uniform(seed, indices, views, salt))
+        aspect = np.exp(r0 + (r1 - r0) * _uniform(seed, indices, views, salt + 1))
+        w, h = np.rint(np.sqrt(target * aspect)).astype(np.int64), np.rint(np.sqrt(target / aspect)).astype(np.int64)
+        fits = ~found & (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        top = np.floor(_uniform(seed, indices, views, salt + 2) * (height - h + 1)).astype(np.int64)
+        left = np.floor(_uniform(seed, indices, views, salt + 3) * (width - w + 1)).astype(np.int64)
+        box[fits] = np.stack([top, left, h, w], axis=-1)[fits]
+        found |= fits
+    box[~found] = _central_fallback(spec, height[~found], width[~found])
+    flip = (_hash(seed, indices, views, 3) % np.uint64(2)).astype(np.int64) if spec.flip else np.zeros_like(indices)
+    seeds = (_hash(seed, indices, views, 0) >> np.uint64(1)).astype(np.int64)
+    return np.concatenate([seeds[..., None], box, flip[..., None]], axis=-1)
+
+
+def _central_fallback(spec: ViewSpec, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """torchvision's fallback box: the whole image, narrowed to the nearest allowed aspect ratio, centred."""
+    in_ratio = width / np.maximum(height, 1)
+    low, high = min(spec.ratio), max(spec.ratio)
+    w = np.where(in_ratio < low, width, np.where(in_ratio > high, np.rint(height * high), width)).astype(np.int64)
+    h = np.where(in_ratio < low, np.rint(width / low), height).astype(np.int64)
+    return np.stack([(height - h) // 2, (width - w) // 2, h, w], axis=-1)
+
+
+def center_box(height: np.ndarray, width: np.ndarray, resize: int | None, crop: int | None) -> np.ndarray:
+    """(top, left, height, width) of the evaluation view in original pixels: the region that resizing the shorter
+    side to `resize` and centre-cropping `crop` keeps (torchvision's rounding of the crop's offset)."""
+    side_h, side_w = height, width  # no crop: the whole image
+    if crop is not None:
+        short = np.minimum(height, width)
+        side_h = side_w = np.minimum(short, np.rint(crop * short / resize) if resize else crop).astype(np.int64)
+    top = np.rint((height - side_h) / 2.0).astype(np.int64)
+    left = np.rint((width - side_w) / 2.0).astype(np.int64)
+    return np.stack([top, left, side_h, side_w], axis=-1)
+
+
+def box_table(spec: ViewSpec, seed: int, sizes: np.ndarray, views: int, eval_region: tuple[int | None, int | None]
+              ) -> np.ndarray:
+    """Every sample's views 0..views-1 as (N, V, 6) rows over BOX_FIELDS: view 0 is the evaluation view (the centre
+    box of `eval_region` = (resize, crop), unflipped, no policy), the others random boxes."""
+    n = len(sizes)
+    rows = np.repeat(np.arange(n, dtype=np.int64)[:, None], views, axis=1)
+    table = resized_crop_boxes(spec, seed, rows, np.broadcast_to(np.arange(views), (n, views)), sizes)
+    centre = center_box(sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64), *eval_region)
+    table[:, 0] = np.concatenate([np.full((n, 1), EVAL_SEED), centre, np.zeros((n, 1), dtype=np.int64)], axis=1)
+    return table
+
+
+def box_dtype(sizes: np.ndarray) -> str:
+    """The smallest signed dtype that holds every box coordinate of images of these sizes."""
+    return "int16" if (sizes.max(initial=0)) < 2**15 else "int32"
+
+
+class BoxRenderer:
+    """Renders a random_resized_crop view: the box cut from the original uint8 image and resized to the consumer's
+    `size` (torchvision's `resized_crop`, antialiased), flipped, then the seeded policy. size None keeps the image's
+    own size."""
+
+    def __init__(self, spec: ViewSpec, size: int | None, interpolation: str = "bilinear"):
+        self.spec, self.size = spec, size
+        self.interpolation = v2.InterpolationMode(interpolation)
+        self.policy = v2.Compose(_policy_ops(spec.policy)) if spec.policy else None
+
+    def __call__(self, image: torch.Tensor, row) -> torch.Tensor:
+        box = ViewBox.of_row(row)
+        size = [self.size, self.size] if self.size is not None else list(image.shape[-2:])
+        x = TF.resized_crop(image, box.top, box.left, box.height, box.width, size, interpolation=self.interpolation,
+                            antialias=True)
+        if box.flip:
+            x = TF.horizontal_flip(x)
+        if self.policy is not None and int(row[0]) != EVAL_SEED:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(row[0]))
+                x = self.policy(x)
+        return x.contiguous()
+
+
 class RandomViews:
     """Random augmentation as an unbounded view table: `[rows, views]` gives the (seed, top, left, flip) of those
     (sample, view number) pairs, like a cache's (N, V, 4) table. A sampler that draws fresh view numbers every
     epoch thus draws fresh random views, in the main process, the same whatever the number of loader workers."""
 
-    def __init__(self, spec: ViewSpec, seed: int):
-        self.spec, self.seed = spec, seed
+    def __init__(self, spec: ViewSpec, seed: int, sizes: np.ndarray | None = None):
+        self.spec, self.seed, self.sizes = spec, seed, sizes
 
     def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         rows, views = key
+        if self.spec.boxes:
+            return resized_crop_boxes(self.spec, self.seed, rows, views, self.sizes)
         return pair_params(self.spec, self.seed, rows, views)
 
 

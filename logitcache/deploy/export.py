@@ -73,12 +73,12 @@ def _export(params: Params, checkpoint: str | Path, out: Path, files: tuple[str,
     arch = ckpt["model_info"]["model"]
     data = checkpoint_data(ckpt, checkpoint)
     test = load_split(data, "test")
-    prepare = model_input(ckpt["model_info"], test)
-    images = prepare(test.images).numpy()
+    view = model_input(ckpt["model_info"], test)
+    images = view.inputs(test, range(len(test))).numpy()
     labels = test.labels.numpy()
     reference = predict(eager_runtime_of(model), images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
-                                      cfg.calibration_seed, prepare) if cfg.calibration_cache else None)
+                                      cfg.calibration_seed, view.prepare) if cfg.calibration_cache else None)
     with atomic_folder(out, "export", "export --name", files) as tmp:
         job = ExportJob(model, torch.from_numpy(images[:2]), tmp, cfg, arch, threads, calibration)
         runtimes = {key: _runtime_metrics(job, spec, images, reference, labels, Path(checkpoint))

@@ -42,7 +42,7 @@ def _prune(params: Params, checkpoint: str | Path, out: Path) -> dict:
     model, ckpt = load_model(checkpoint)
     info = ckpt["model_info"]
     test = load_split(checkpoint_data(ckpt, checkpoint), "test")
-    images = model_input(info, test)(test.images)
+    images = model_input(info, test).inputs(test, range(len(test)))
     before = _summary(model, images, test.labels)
     prune_model(model, images[:2], cfg.ratio, info)
     after = _summary(model, images, test.labels)

@@ -27,8 +27,8 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    prepare = model_input(model_info or {}, test)
-    scored = score_split(model, test, device, prepare)
+    view = model_input(model_info or {}, test)
+    scored = score_split(model, test, device, view)
     logits, labels = scored.logits, scored.labels
     if confusion is not None:
         write_confusion(confusion, labels, logits.argmax(1))
@@ -45,7 +45,7 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    image = prepare(test.images[:1]).numpy()[0]
+    image = view.inputs(test, [0]).numpy()[0]
     metrics.update(latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS))
     return metrics
 

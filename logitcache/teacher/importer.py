@@ -21,7 +21,7 @@ from logitcache.core.data import holdout, load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import _load_failure, check_output_folder, load_checkpoint, save_checkpoint, write_json
 from logitcache.core.models import ClassMap, build_model
-from logitcache.core.preprocess import Preprocess, TeacherInput
+from logitcache.core.preprocess import Preprocess, TeacherInput, preprocess_input
 from logitcache.core.training import place, select_device, validation_scorer
 
 CHECKPOINT = "teacher.pt"
@@ -266,5 +266,5 @@ def _score(params: Params, teacher: nn.Module, info: dict, preprocess: Preproces
         return {"val_acc": None, "scored": "not scored: data.validation is 0"}
     device = select_device(params.teacher.device)
     scores = validation_scorer(place(teacher, device), train, validation_rows, device,
-                               TeacherInput(preprocess, train.channels))()
+                               preprocess_input(preprocess, train))()
     return {**scores, "scored": f"{len(validation_rows)} validation rows"}

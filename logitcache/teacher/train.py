@@ -41,7 +41,7 @@ from logitcache.core.training import (
     train_steps,
     validation_scorer,
 )
-from logitcache.core.preprocess import TeacherInput
+from logitcache.core.preprocess import TeacherInput, preprocess_input
 from logitcache.core.views import ViewSpec
 from logitcache.teacher.init import Start, initial_teacher
 
@@ -65,7 +65,8 @@ def _train_teacher(params: Params, resume: bool, dist: Dist) -> dict:
     if not dist.is_main:
         return {}
     selected = run.selector.restore()
-    scored = score_split(run.model, load_split(params.data, "test"), run.device, run.prepare)  # once, selected weights
+    test = load_split(params.data, "test")
+    scored = score_split(run.model, test, run.device, preprocess_input(run.start.preprocess, test))  # once
     metrics = {**scored.accuracy(), **selected, "params": sum(p.numel() for p in run.model.parameters()),
                "steps": run.cfg.epochs * len(run.loader), "train_seconds": sum(h["seconds"] for h in history),
                "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history), "device": run.device.type,
@@ -105,6 +106,9 @@ class TeacherRun:
         cfg, out = params.teacher, Path(params.teacher.out)
         device = select_device(cfg.device, dist)
         train = load_split(params.data, "train")
+        if train.is_files:
+            raise LogitcacheError(f"train-teacher trains on data sets held as arrays; {params.data.dataset} is read "
+                                  "from its image files: bring a pretrained teacher with `logitcache import-teacher`")
         train_rows, validation_rows = holdout(params.data, len(train))
         seed_everything(cfg.seed)
         start = initial_teacher(cfg, train)
@@ -113,7 +117,8 @@ class TeacherRun:
         loader, sampler = _loader(cfg, train, train_rows, device, dist)
         prepare = TeacherInput(start.preprocess, train.channels)
         optimizer, scheduler = make_optimizer(start.parameter_groups(cfg), cfg, cfg.epochs * len(loader))
-        selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device, prepare))
+        selector = Selector(model, cfg.select, validation_scorer(model, train, validation_rows, device,
+                                                                 preprocess_input(start.preprocess, train)))
         config = {"data": params.data.model_dump(mode="json"), "teacher": cfg.model_dump(mode="json")}
         checkpointer = Checkpointer(out, [out / CHECKPOINT, out / "metrics.json"],
                                     {**config, "world_size": dist.world_size},
