@@ -21,7 +21,12 @@ SCHEMA_CHANGES = {2: "layers are stored in chosen forms (map, attention, embeddi
                      "crop/flip code each"}
 JSON_ATTRS = ("format", "schema_version", "logitcache_version", "teacher", "dataset", "transform",
               "views", "dtypes", "layers", "topk", "teacher_accuracy", "complete")
-REQUIRED_DATASETS = ("index", "labels", "views/code")
+REQUIRED_DATASETS = ("index", "labels")
+
+
+def view_dataset(meta: dict) -> str:
+    """The dataset that holds a cache's views: box rows for random_resized_crop views, crop/flip codes otherwise."""
+    return "views/box" if meta["transform"]["augment"].get("kind") == "random_resized_crop" else "views/code"
 ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channels"),
              "dataset": ("name", "split", "count", "fingerprint"),
              "transform": ("normalize.mean", "normalize.std", "augment"),
@@ -68,7 +73,7 @@ def read_metadata(f: h5py.File, path: str | Path) -> dict:
     _check_structure(meta, path)
     if meta["complete"] is not True:
         raise LogitcacheError(f"{path}: cache is incomplete (the dump did not finish); rerun dump-teacher to resume it")
-    expected = [*REQUIRED_DATASETS, *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
+    expected = [*REQUIRED_DATASETS, view_dataset(meta), *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
                 *(form_dataset(layer, form) for layer, form in stored_forms(meta))]
     missing = [name for name in expected if name not in f]
     if missing:

@@ -16,7 +16,7 @@ from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
-from logitcache.core.views import ViewRenderer
+from logitcache.core.views import render_rows
 
 
 def describe(path: str | Path) -> dict:
@@ -39,7 +39,13 @@ def describe(path: str | Path) -> dict:
             "rows_done": attrs.get("rows_done"),
             "arrays": {k: {"shape": list(s), "dtype": d, "bytes_per_sample": _row_bytes(s, d)}
                        for k, (s, d) in arrays.items()},
-            "bytes": size, "bytes_per_sample": size / n if n else None}
+            "bytes": size, "bytes_per_sample": size / n if n else None,
+            "bytes_per_view": size / (n * _view_count(attrs)) if n and _view_count(attrs) else None}
+
+
+def _view_count(attrs: dict) -> int | None:
+    views = attrs.get("views")
+    return views.get("count") if isinstance(views, dict) else None
 
 
 def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -91,11 +97,11 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
         rows = np.sort(rng.choice(cache.num_samples, size=min(samples, cache.num_samples), replace=False))
         views = rng.integers(0, cache.num_views, size=len(rows))
         params = cache.view_params()[rows, views]
-        render = ViewRenderer(cache.spec)
-        images = torch.stack([render(split.images[i], p) for i, p in zip(rows, params)])
+        render, prepare = teacher.views_for(split, cache.spec)
+        images = render_rows(render, split, rows, params)
         extractor = FeatureExtractor(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
-            out = extractor(teacher.input_for(split)(images))
+            out = extractor(prepare(images))
         cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
         if cache.topk:

@@ -13,7 +13,8 @@ import torch
 from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows, stored_forms
 from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import ViewSpec, params_from_codes
+from logitcache.core.preprocess import Preprocess
+from logitcache.core.views import ViewSpec, boxes_from_stored, params_from_codes
 
 
 def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -84,6 +85,12 @@ class Cache:
         return ViewSpec.from_json(self.meta["transform"]["augment"])
 
     @property
+    def preprocess(self) -> "Preprocess | None":
+        """The teacher's preprocessing the views were rendered with (None in a cache that records none)."""
+        recorded = self.meta["transform"].get("preprocess")
+        return Preprocess.from_json(recorded) if recorded else None
+
+    @property
     def topk(self) -> int | None:
         """k when only the k largest logits per view are stored; None for full logits."""
         return self.meta["topk"]
@@ -131,9 +138,19 @@ class Cache:
         """(N, V, 4) int64 `(seed, top, left, flip)` of every view, for `ViewRenderer` / `render_batch`: the stored
         crop/flip codes, with each view's policy seed derived again from the dump's seed."""
         views, spec = self.meta["views"], self.spec
+        if spec.boxes:
+            return self._box_params(views["seed"])
         codes = self.read("views/code")
         self._check_codes(codes, spec, views.get("eval_view"))
         return params_from_codes(codes, spec, views["seed"], views["mode"])
+
+    def _box_params(self, seed: int) -> np.ndarray:
+        """(N, V, 6) int64 `(seed, top, left, height, width, flip)` of every box view, for `BoxRenderer`."""
+        stored = self.read("views/box")
+        if stored.size and (stored[..., :2].min() < 0 or stored[..., 2:4].min() < 1 or stored[..., 4].max() > 1
+                            or stored[..., 4].min() < 0):
+            raise LogitcacheError(f"{self.path}: the stored view boxes are out of range; the file is damaged, re-dump it")
+        return boxes_from_stored(stored, seed)
 
     def _check_codes(self, codes: np.ndarray, spec: ViewSpec, eval_view: int | None) -> None:
         """The stored crop/flip codes fit the recorded transform: every code in range, the evaluation view the

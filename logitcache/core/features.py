@@ -20,6 +20,7 @@ from logitcache.core.forms import FORMS
 from logitcache.core.io import load_model
 from logitcache.core.models import feature_extractor, feature_nodes
 from logitcache.core.preprocess import Preprocess, TeacherInput
+from logitcache.core.views import BoxRenderer, ViewRenderer, ViewSpec
 
 
 @dataclass
@@ -43,6 +44,14 @@ class Teacher:
     def input_for(self, split: Split) -> TeacherInput:
         """uint8 views of this data -> this teacher's input (refuses channels it cannot convert)."""
         return TeacherInput(self.preprocess_for(split), split.channels)
+
+    def views_for(self, split: Split, spec: ViewSpec) -> tuple[ViewRenderer | BoxRenderer, TeacherInput]:
+        """How this teacher sees views of `spec` on `split`: box views rendered at its input side, then only its
+        normalisation; pad-and-crop views through its whole preprocessing."""
+        if not spec.boxes:
+            return ViewRenderer(spec), self.input_for(split)
+        pre = self.preprocess_for(split)
+        return BoxRenderer(spec, pre.crop, pre.interpolation), TeacherInput(pre.at_size(), split.channels)
 
 
 def load_teacher(path: str | Path) -> Teacher:

@@ -228,15 +228,23 @@ def _central_fallback(spec: ViewSpec, height: np.ndarray, width: np.ndarray) -> 
 
 
 def center_box(height: np.ndarray, width: np.ndarray, resize: int | None, crop: int | None) -> np.ndarray:
-    """(top, left, height, width) of the evaluation view in original pixels: the region that resizing the shorter
-    side to `resize` and centre-cropping `crop` keeps (torchvision's rounding of the crop's offset)."""
-    side_h, side_w = height, width  # no crop: the whole image
-    if crop is not None:
-        short = np.minimum(height, width)
-        side_h = side_w = np.minimum(short, np.rint(crop * short / resize) if resize else crop).astype(np.int64)
-    top = np.rint((height - side_h) / 2.0).astype(np.int64)
-    left = np.rint((width - side_w) / 2.0).astype(np.int64)
-    return np.stack([top, left, side_h, side_w], axis=-1)
+    """(top, left, height, width) of the evaluation view in original pixels: the region that torchvision's
+    `Resize(resize)` (shorter side to resize, the longer truncated) then `CenterCrop(crop)` keeps, mapped back
+    through each axis's own scale and rounded to whole pixels. No crop: the whole image."""
+    height, width = np.asarray(height, dtype=np.int64), np.asarray(width, dtype=np.int64)
+    if crop is None:
+        return np.stack([np.zeros_like(height), np.zeros_like(width), height, width], axis=-1)
+    short = np.minimum(height, width)
+    side = resize or short  # no resize: the crop is taken from the image as it is
+    rh = np.where(height <= width, side, (side * height / short).astype(np.int64)) if resize else height
+    rw = np.where(height <= width, (side * width / short).astype(np.int64), side) if resize else width
+    top_r, left_r = np.round((rh - crop) / 2.0), np.round((rw - crop) / 2.0)
+    sy, sx = height / rh, width / rw
+    box_h = np.minimum(height, np.rint(crop * sy)).astype(np.int64)
+    box_w = np.minimum(width, np.rint(crop * sx)).astype(np.int64)
+    top = np.clip(np.rint(top_r * sy), 0, height - box_h).astype(np.int64)
+    left = np.clip(np.rint(left_r * sx), 0, width - box_w).astype(np.int64)
+    return np.stack([top, left, box_h, box_w], axis=-1)
 
 
 def box_table(spec: ViewSpec, seed: int, sizes: np.ndarray, views: int, eval_region: tuple[int | None, int | None]
@@ -367,6 +375,32 @@ def render_batch(renderer: ViewRenderer, images: torch.Tensor, params: np.ndarra
     flip = params[:, 3]
     left = np.where(flip == 1, 2 * pad - params[:, 2], params[:, 2])
     return torch.from_numpy(windows[np.arange(b), flip, params[:, 1], left])
+
+
+def render_rows(renderer: "ViewRenderer | BoxRenderer", split, rows: np.ndarray, params: np.ndarray) -> torch.Tensor:
+    """The views `params` of rows `rows` of `split`, as one uint8 batch: box views are cut from each original image
+    (which may differ in size, and is decoded here when the split is a folder of files), pad-and-crop views in one
+    gather from the split's array."""
+    if isinstance(renderer, BoxRenderer):
+        return torch.stack([renderer(split.read(int(r)), p) for r, p in zip(rows, params)])
+    images = split.images.index_select(0, torch.as_tensor(np.asarray(rows, dtype=np.int64)))
+    return render_batch(renderer, images, params)
+
+
+STORED_BOX_FIELDS = BOX_FIELDS[1:]  # what a cache stores per box view; the policy seed is derived again
+
+
+def stored_boxes(table: np.ndarray, dtype: str) -> np.ndarray:
+    """(N, V, 6) box rows -> the (N, V, 5) (top, left, height, width, flip) a cache stores."""
+    return table[..., 1:].astype(dtype)
+
+
+def boxes_from_stored(stored: np.ndarray, seed: int) -> np.ndarray:
+    """The inverse of `stored_boxes` for views 0..V-1 of samples 0..N-1 of a dump with this seed: (N, V, 6) int64
+    rows equal to the ones the dump rendered."""
+    n, views = stored.shape[:2]
+    seeds = _policy_seeds(seed, np.arange(n, dtype=np.int64), views)
+    return np.concatenate([seeds[..., None], stored.astype(np.int64)], axis=-1)
 
 
 class Normalizer:

@@ -25,7 +25,7 @@ from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import (atomic_folder, check_output_folder, claim_files, load_model, output_lock, plain_name,
                                 write_json)
-from logitcache.core.preprocess import model_input
+from logitcache.core.preprocess import BoxInput, model_input
 from logitcache.core.runtimes import RUNTIMES, RuntimeSpec
 from logitcache.deploy.measure import Runtime, onnx_runtime, predict, speed, torch_runtime
 from logitcache.deploy.quantize import calibration_images, quantize
@@ -78,7 +78,9 @@ def _export(params: Params, checkpoint: str | Path, out: Path, files: tuple[str,
     labels = test.labels.numpy()
     reference = predict(eager_runtime_of(model), images)
     calibration = (calibration_images(cfg.calibration_cache, load_split(data, "train"), cfg.calibration_images,
-                                      cfg.calibration_seed, view.prepare) if cfg.calibration_cache else None)
+                                      cfg.calibration_seed, view.prepare,
+                                      BoxInput.from_json(ckpt["model_info"]["box_input"])
+                                      if "box_input" in ckpt["model_info"] else None) if cfg.calibration_cache else None)
     with atomic_folder(out, "export", "export --name", files) as tmp:
         job = ExportJob(model, torch.from_numpy(images[:2]), tmp, cfg, arch, threads, calibration)
         runtimes = {key: _runtime_metrics(job, spec, images, reference, labels, Path(checkpoint))

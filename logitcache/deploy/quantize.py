@@ -22,7 +22,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from logitcache.cache.reader import Cache
 from logitcache.core.data import Split
-from logitcache.core.views import Normalizer, ViewRenderer, render_batch
+from logitcache.core.preprocess import BoxInput
+from logitcache.core.views import BoxRenderer, Normalizer, ViewRenderer, render_rows
 
 
 class _Batches(CalibrationDataReader):
@@ -33,9 +34,10 @@ class _Batches(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def calibration_images(cache_path: str, train: Split, count: int, seed: int, prepare=None) -> np.ndarray:
-    """`count` seeded (sample, view) pairs of the training cache, rendered and normalised (float32) by `prepare`
-    (default: the data's normalisation)."""
+def calibration_images(cache_path: str, train: Split, count: int, seed: int, prepare=None,
+                       box: BoxInput | None = None) -> np.ndarray:
+    """`count` seeded (sample, view) pairs of the training cache, rendered (box views at the model's `box.size`)
+    and normalised (float32) by `prepare` (default: the data's normalisation)."""
     with Cache(cache_path) as cache:
         cache.check_matches(train)
         views = cache.view_params()
@@ -43,7 +45,9 @@ def calibration_images(cache_path: str, train: Split, count: int, seed: int, pre
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False))
     chosen = rng.integers(0, views.shape[1], size=len(rows))
-    images = render_batch(ViewRenderer(spec), train.images[rows], views[rows, chosen])
+    renderer = BoxRenderer(spec, box.size if box else None, box.interpolation if box else "bilinear") \
+        if spec.boxes else ViewRenderer(spec)
+    images = render_rows(renderer, train, rows, views[rows, chosen])
     return (prepare or Normalizer(train.mean, train.std))(images).numpy()
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from logitcache.cache.reader import Cache
 from logitcache.core.data import Split
 from logitcache.core.distributed import Dist
-from logitcache.core.views import RandomViews, ViewRenderer, render_batch
+from logitcache.core.views import BoxRenderer, RandomViews, ViewRenderer, render_batch, render_rows
 
 FRESH_VIEWS = 2**62  # the view count of random augmentation: every row draws a new view number every epoch
 
@@ -154,7 +154,7 @@ class StudentBatches(Dataset):
     the images are the training images as they are.
     """
 
-    def __init__(self, split: Split, labeled: np.ndarray, *, render: ViewRenderer | None = None,
+    def __init__(self, split: Split, labeled: np.ndarray, *, render: ViewRenderer | BoxRenderer | None = None,
                  view_params: np.ndarray | RandomViews | None = None,
                  logits: list[CachedColumn] = (), features: dict | None = None):
         self.split, self.labeled = split, torch.from_numpy(labeled)
@@ -171,9 +171,12 @@ class StudentBatches(Dataset):
     def __getitem__(self, pairs: np.ndarray) -> TrainBatch:
         rows, views = np.ascontiguousarray(pairs.T)
         index = torch.from_numpy(rows)
-        images = self.split.images.index_select(0, index)  # index_select: a fraction of the cost of [index] on uint8
-        if self.render is not None:
-            images = render_batch(self.render, images, self.view_params[rows, views])
+        if isinstance(self.render, BoxRenderer):  # boxes of each original image, at the student's own size
+            images = render_rows(self.render, self.split, rows, self.view_params[rows, views])
+        else:
+            images = self.split.images.index_select(0, index)  # index_select: a fraction of the cost of [index]
+            if self.render is not None:
+                images = render_batch(self.render, images, self.view_params[rows, views])
         if isinstance(self.view_params, RandomViews):  # random views have no targets: a 1-view cache's only view
             views = np.zeros_like(views)
         return TrainBatch(images, self.split.labels.index_select(0, index), self.labeled.index_select(0, index), index,

@@ -21,13 +21,14 @@ LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
-                   confusion: Path | None = None, model_info: dict | None = None) -> dict:
+                   confusion: Path | None = None, model_info: dict | None = None, view_info: dict | None = None
+                   ) -> dict:
     """Accuracy, agreement and KL with the teacher (from the test cache), size and batch-1 latency (throughput and
     other runtimes are `logitcache export`'s)."""
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
-    view = model_input(model_info or {}, test)
+    view = model_input({**(model_info or {}), **(view_info or {})}, test)
     scored = score_split(model, test, device, view)
     logits, labels = scored.logits, scored.labels
     if confusion is not None:

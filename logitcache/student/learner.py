@@ -18,7 +18,7 @@ from logitcache.core.io import load_model
 from logitcache.core.models import build_model, feature_extractor, feature_nodes
 from logitcache.core.schedule import Progress, value_at
 from logitcache.core.training import StepOut, autocast, place, to_input
-from logitcache.core.views import Normalizer
+from logitcache.core.preprocess import EvalBox
 from logitcache.student.batches import TrainBatch
 from logitcache.student.losses import masked_ce
 from logitcache.student.methods import Batch, Context, Method, StudentOut, TeacherInput, TeacherOut, methods
@@ -61,7 +61,7 @@ def build_learner(plan: Plan, cfg: StudentConfig, device: torch.device) -> tuple
     extractor = place(feature_extractor(student, {nodes[-1]: "logits", **{s: s for s in plan.needs.student}}),
                       device)
     with torch.no_grad():
-        probe = extractor.eval()(Normalizer(train.mean, train.std)(train.images[:2].to(device)))
+        probe = extractor.eval()(plan.view.normalizer()(_probe(plan).to(device)))
     ctx = Context(num_classes=train.num_classes, num_samples=len(train),
                   student_shapes={s: tuple(probe[s].shape[1:]) for s in plan.needs.student},
                   teacher_shapes=plan.cache.shapes if plan.cache else {},
@@ -84,6 +84,15 @@ def initial_model(cfg: StudentConfig, train: Split) -> nn.Module:
     return model
 
 
+def _probe(plan: Plan) -> torch.Tensor:
+    """Two training images at the student's input size (their evaluation view when views are boxes)."""
+    train = plan.train
+    if plan.view.box is None:
+        return train.images[:2]
+    render = EvalBox(plan.view.box)
+    return torch.stack([render(train.read(i)) for i in range(min(2, len(train)))])
+
+
 def _bank(path: str, source: TeacherInput) -> torch.Tensor:
     """Every sample's cached value of a teacher layer, under its evaluation view (view 0)."""
     with Cache(path) as cache:
@@ -99,7 +108,7 @@ class Stepper:
     def __init__(self, model: nn.Module, plan: Plan, device: torch.device, dist: Dist,
                  teacher_for: Callable[[torch.Tensor], TeacherOut] | None, *, steps_per_pass: int, total: int):
         self.model, self.device, self.dist, self.teacher_for = model, device, dist, teacher_for
-        self.prepare = Normalizer(plan.train.mean, plan.train.std)
+        self.prepare = plan.view.normalizer()
         self.steps_per_pass, self.total = steps_per_pass, total
         self.step = 0
 

@@ -9,6 +9,7 @@ import torch
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
+from logitcache.core.preprocess import TeacherInput
 from logitcache.core.training import place, to_input
 from logitcache.student.methods import TeacherOut
 from logitcache.student.plan import Plan
@@ -26,7 +27,7 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     wanted = plan.needs.teacher
     extractor = place(FeatureExtractor(teacher.model, list(dict.fromkeys(t.layer for t in wanted))), device).eval()
     dtype = getattr(torch, info.logits_dtype)
-    teacher_input = teacher.input_for(plan.train)
+    teacher_input = _teacher_input(teacher, plan)
 
     @torch.no_grad()
     def targets(images: torch.Tensor) -> TeacherOut:
@@ -35,3 +36,16 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
                           {t: stored_form(out[t.layer].float(), t.form, info.layers[t.layer]).float() for t in wanted})
 
     return targets
+
+
+def _teacher_input(teacher, plan: Plan):
+    """The teacher's input step for the student's rendered views: box views are already at the teacher's side
+    (only its normalisation is left), pad-and-crop views go through its whole preprocessing."""
+    if not plan.cache.spec.boxes:
+        return teacher.input_for(plan.train)
+    pre = teacher.preprocess_for(plan.train)
+    if plan.view.box.size != pre.crop:
+        raise LogitcacheError(f"--online renders one view for student and teacher: image_size {plan.view.box.size} "
+                              f"differs from the teacher's input side {pre.crop}; remove image_size to check a run "
+                              "against the live teacher")
+    return TeacherInput(pre.at_size(), plan.train.channels)

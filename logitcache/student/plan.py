@@ -16,7 +16,8 @@ from logitcache.cache.reader import Cache
 from logitcache.core.config import Params, StudentConfig
 from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import ViewSpec
+from logitcache.core.preprocess import BoxInput, Preprocess
+from logitcache.core.views import BoxRenderer, Normalizer, ViewRenderer, ViewSpec
 from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
 
@@ -30,6 +31,7 @@ class CacheInfo:
     shapes: dict[TeacherInput, tuple[int, ...]]  # one sample's view of each teacher input the methods read
     layers: dict[str, dict]  # layer name -> its record (forms and their settings)
     topk: int | None
+    preprocess: Preprocess | None  # the teacher's, with which the cached views were rendered
     teacher_sha256: str
     logits_dtype: str
 
@@ -49,6 +51,30 @@ class Plan:
     methods: dict[str, MethodConfig]
     needs: Needs  # union over the methods
     cache: CacheInfo | None  # None for a CE-only student
+    view: "StudentView"  # how the student renders and normalises its inputs
+
+
+@dataclass(frozen=True)
+class StudentView:
+    """How the student sees its views: box views (random_resized_crop) are rendered at its own side `box.size`
+    (None: pad-and-crop views, which keep the data's pixels), then normalised with its own mean and std."""
+
+    box: BoxInput | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    own_normalisation: bool
+
+    @property
+    def info(self) -> dict:
+        """What the student's checkpoint records of its input, beyond the data's defaults (nothing for those)."""
+        return {**({"box_input": self.box.to_json()} if self.box else {}),
+                **({"normalize": {"mean": list(self.mean), "std": list(self.std)}} if self.own_normalisation else {})}
+
+    def renderer(self, spec: ViewSpec) -> ViewRenderer | BoxRenderer:
+        return BoxRenderer(spec, self.box.size, self.box.interpolation) if spec.boxes else ViewRenderer(spec)
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.mean, self.std)
 
 
 def mode_name(cfg: StudentConfig) -> str:
@@ -70,7 +96,30 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
         rows = np.flatnonzero(labeled)
     else:
         rows = np.concatenate([train_rows, *[np.flatnonzero(labeled)] * (cfg.labeled_repeat - 1)])
-    return Plan(train, validation, labeled, rows, chosen, needs, cache)
+    return Plan(train, validation, labeled, rows, chosen, needs, cache, student_view(cfg, name, train, cache))
+
+
+def student_view(cfg: StudentConfig, name: str, train: Split, cache: CacheInfo | None) -> StudentView:
+    """The student's input: with box views, their boxes at `image_size` (default: the teacher's input side) with the
+    teacher's interpolation and evaluation region; its own mean and std, or the data's."""
+    spec = cache.spec if cache else (ViewSpec.from_config(cfg.augment) if cfg.augment else None)
+    boxes = spec is not None and spec.boxes
+    if cfg.image_size is not None and not boxes:
+        raise LogitcacheError(f"students.{name}.image_size needs box views (augment kind random_resized_crop); "
+                              "pad-and-crop views keep the data's size: remove image_size")
+    box = None
+    if boxes:
+        pre = cache.preprocess if cache else None
+        box = BoxInput(cfg.image_size or (pre.crop if pre else None), pre.interpolation if pre else "bilinear",
+                       pre.resize if pre else None, pre.crop if pre else None)
+    if train.is_files and (box is None or box.size is None):
+        raise LogitcacheError(f"the images of {train.dataset} differ in size: students.{name} needs box views at one "
+                              "size (a random_resized_crop cache, or image_size)")
+    own = cfg.mean is not None
+    if own and len(cfg.mean) != train.channels:
+        raise LogitcacheError(f"students.{name}.mean has {len(cfg.mean)} values, the data has {train.channels} "
+                              "channel(s); give one mean and std per channel")
+    return StudentView(box, tuple(cfg.mean) if own else train.mean, tuple(cfg.std) if own else train.std, own)
 
 
 def check_test_cache(params: Params, cfg: StudentConfig) -> None:
@@ -144,5 +193,6 @@ def _cache_info(cfg: StudentConfig, cache: Cache, needs: Needs) -> CacheInfo:
                               "dump.layers, e.g. {name: layer2, forms: [map, attention, embedding]}")
     return CacheInfo(views=cache.view_params(), spec=cache.spec,
                      shapes={t: stored[(t.layer, t.form)] for t in [*needs.teacher, *needs.banks]},
-                     layers=cache.layers, topk=cache.topk, teacher_sha256=cache.teacher_sha256,
+                     layers=cache.layers, topk=cache.topk, preprocess=cache.preprocess,
+                     teacher_sha256=cache.teacher_sha256,
                      logits_dtype=cache.dtypes["logits"])

@@ -18,6 +18,7 @@ from logitcache.core.config import Params, StudentConfig, save_config
 from logitcache.core.distributed import Dist
 from logitcache.core.io import save_checkpoint, write_json
 from logitcache.core.models import layer_channels
+from logitcache.core.preprocess import model_input
 from logitcache.core.training import (
     Checkpointer,
     Selector,
@@ -135,7 +136,8 @@ class Run:
         optimizer, scheduler = make_optimizer(learner.parameters(), cfg, budget.total)
         model = data_parallel(learner, device, dist)
         teacher_for = online_teacher(cfg, plan, device) if cfg.online and plan.methods else None
-        selector = Selector(learner, cfg.select, validation_scorer(student, plan.train, plan.validation, device))
+        selector = Selector(learner, cfg.select, validation_scorer(student, plan.train, plan.validation, device,
+                                                                   model_input(plan.view.info, plan.train)))
         checkpointer = Checkpointer(job.out, [job.out / "student.pt", Path(cfg.out) / "metrics.json"],
                                     {**config, "world_size": dist.world_size},
                                     {"learner": learner, "optimizer": optimizer, "scheduler": scheduler,
@@ -180,7 +182,7 @@ def _final_metrics(run: Run, history: list[dict]) -> dict:
     cfg, dist = run.job.cfg, run.job.dist
     selected = run.selector.restore()
     metrics = evaluate_model(run.student, run.job.params.data, run.device, cfg.test_cache,
-                             confusion=run.job.out / "confusion.json")
+                             confusion=run.job.out / "confusion.json", view_info=run.plan.view.info)
     seconds = sum(h["seconds"] for h in history)
     metrics.update(selected, selected_step=history[selected["selected"] - 1]["steps"], mode=mode_name(cfg),
                    labeled=int(run.plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
@@ -204,7 +206,7 @@ def _write_outputs(run: Run, metrics: dict, history: list[dict]) -> None:
     save_checkpoint(job.out / "student.pt", _cpu(run.student.state_dict()), run.config, adapters=_cpu(adapters),
                     teacher_sha256=run.plan.cache.teacher_sha256 if run.plan.cache else None,  # evaluate checks it
                     model_info={"model": job.cfg.model, "in_channels": train.channels,
-                                "num_classes": train.num_classes,
+                                "num_classes": train.num_classes, **run.plan.view.info,
                                 **({"channels": layer_channels(run.student)} if job.cfg.init else {})})
 
 

@@ -10,7 +10,7 @@ from logitcache.cache.format import form_dataset
 from logitcache.core.config import StudentConfig
 from logitcache.core.distributed import Dist
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import RandomViews, ViewRenderer, ViewSpec
+from logitcache.core.views import RandomViews, ViewSpec
 from logitcache.student.batches import FRESH_VIEWS, CachedColumn, StudentBatches, ViewBatchSampler
 from logitcache.student.plan import Plan
 
@@ -42,7 +42,8 @@ def _labels_only(cfg: StudentConfig, plan: Plan, dist: Dist) -> tuple[StudentBat
         return StudentBatches(plan.train, plan.labeled), \
             ViewBatchSampler(plan.rows, 1, cfg.batch_size, "random", cfg.seed, block=cfg.shuffle_block, dist=dist)
     spec = ViewSpec.from_config(cfg.augment)
-    return StudentBatches(plan.train, plan.labeled, render=ViewRenderer(spec), view_params=RandomViews(spec, cfg.seed)), \
+    return StudentBatches(plan.train, plan.labeled, render=plan.view.renderer(spec),
+                          view_params=RandomViews(spec, cfg.seed, plan.train.sizes)), \
         ViewBatchSampler(plan.rows, FRESH_VIEWS, cfg.batch_size, "random", cfg.seed, block=cfg.shuffle_block,
                          dist=dist)
 
@@ -57,7 +58,8 @@ def _cached(cfg: StudentConfig, plan: Plan) -> tuple[StudentBatches, int]:
     logits = [CachedColumn(p, "logits", budget) for p in cfg.caches] if cached and plan.needs.logits else []
     if cfg.force_augment:
         spec = ViewSpec.from_config(cfg.augment)
-        return StudentBatches(plan.train, plan.labeled, render=ViewRenderer(spec),
-                              view_params=RandomViews(spec, cfg.seed), logits=logits, features=features), FRESH_VIEWS
-    return StudentBatches(plan.train, plan.labeled, render=ViewRenderer(plan.cache.spec), view_params=plan.cache.views,
+        return StudentBatches(plan.train, plan.labeled, render=plan.view.renderer(spec),
+                              view_params=RandomViews(spec, cfg.seed, plan.train.sizes), logits=logits,
+                              features=features), FRESH_VIEWS
+    return StudentBatches(plan.train, plan.labeled, render=plan.view.renderer(plan.cache.spec), view_params=plan.cache.views,
                           logits=logits, features=features), plan.cache.num_views

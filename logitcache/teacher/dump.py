@@ -26,13 +26,16 @@ from logitcache.core.forms import FORMS
 from logitcache.core.io import check_output_folder, output_lock
 from logitcache.core.training import place, to_input
 from logitcache.core.views import (
+    BoxRenderer,
     ViewRenderer,
     ViewSpec,
     check_view_count,
-    code_dtype,
+    box_dtype,
+    box_table,
     crop_flip_codes,
     eval_view,
     render_batch,
+    stored_boxes,
     view_params,
 )
 from logitcache.teacher import shards
@@ -42,15 +45,18 @@ from logitcache.teacher.writer import BackgroundWriter, CacheWriter, refuse_exis
 class ViewDataset(Dataset):
     """Sample i -> (its V views as uint8 (V, C, H, W), label, i), rendered from the stored parameters."""
 
-    def __init__(self, split: Split, params: np.ndarray, renderer: ViewRenderer):
+    def __init__(self, split: Split, params: np.ndarray, renderer: ViewRenderer | BoxRenderer):
         self.split, self.params, self.renderer = split, params, renderer
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        image = self.split.images[i]
-        views = render_batch(self.renderer, image.expand(len(self.params[i]), *image.shape), self.params[i])
+        image = self.split.read(i)
+        if isinstance(self.renderer, BoxRenderer):  # boxes of the original, each resized to the teacher's input
+            views = torch.stack([self.renderer(image, p) for p in self.params[i]])
+        else:
+            views = render_batch(self.renderer, image.expand(len(self.params[i]), *image.shape), self.params[i])
         return views, self.split.labels[i], i
 
 
@@ -97,7 +103,7 @@ class SplitJob:
     split: Split
     dataset: ViewDataset
     view_table: np.ndarray
-    codes: np.ndarray
+    views: "StoredViews"
     extractor: FeatureExtractor
     prepare: Callable
     device: torch.device
@@ -117,25 +123,59 @@ class SplitJob:
         return max(1, self.cfg.batch_size // self.view_table.shape[1])
 
 
+@dataclass
+class StoredViews:
+    """How a dump renders its views and what it stores of them: the renderer, the teacher's input step, and the
+    cache's view dataset (`views/code` for pad-and-crop, `views/box` for boxes) with its rows."""
+
+    renderer: ViewRenderer | BoxRenderer
+    prepare: Callable
+    column: str
+    rows: np.ndarray
+
+    @property
+    def dtype(self) -> str:
+        return str(self.rows.dtype)
+
+
+def _stored_views(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, views: int | str
+                  ) -> tuple[np.ndarray, StoredViews]:
+    """Every (sample, view)'s parameters and how they are rendered and stored. Pad-and-crop views move the pixels
+    of the data's array; box views are boxes of each original image, rendered at the teacher's input size."""
+    check_view_count(spec, views, "dump.views")
+    if not spec.boxes:
+        if split.is_files:
+            raise LogitcacheError(f"{split.dataset} is a folder of images of different sizes; pad-and-crop views need "
+                                  "equal sizes: set dump.augment.kind=random_resized_crop")
+        table = view_params(spec, cfg.seed, np.arange(len(split)), views)
+        return table, StoredViews(*teacher.views_for(split, spec), "views/code", crop_flip_codes(table, spec))
+    if views == "all":
+        raise LogitcacheError("dump.views=all needs a finite policy; random_resized_crop views are drawn: give a number")
+    pre = teacher.preprocess_for(split)
+    if split.is_files and pre.crop is None:
+        raise LogitcacheError(f"teacher {cfg.teacher} records no input size and the images of {split.dataset} differ "
+                              "in size; import it with its preprocessing (import-teacher --resize 256 --crop 224)")
+    table = box_table(spec, cfg.seed, split.sizes, views, (pre.resize, pre.crop))
+    return table, StoredViews(*teacher.views_for(split, spec), "views/box", stored_boxes(table, box_dtype(split.sizes)))
+
+
 def prepare_split(params: Params, teacher: Teacher, split_name: str, device: torch.device) -> SplitJob:
     cfg = params.dump
     split = load_split(params.data, split_name)
     _check_teacher_fits(teacher, split, params)
     spec = ViewSpec.from_config(cfg.augment)
-    views = cfg.views if split_name == "train" else 1
-    check_view_count(spec, views, "dump.views")
-    view_table = view_params(spec, cfg.seed, np.arange(len(split)), views)
+    view_table, stored = _stored_views(cfg, teacher, split, spec, cfg.views if split_name == "train" else 1)
+    dataset = ViewDataset(split, view_table, stored.renderer)
     specs = cfg.layer_specs()
     extractor = place(FeatureExtractor(teacher.model, [layer.name for layer in specs]), device).eval()
-    prepare = teacher.input_for(split)
     amp = device.type == "cuda" and cfg.amp and cfg.logits_dtype == "float16"
-    layers, classes = _layer_records(extractor, specs, split, prepare, device)
-    record = _metadata(cfg, teacher, split, spec, view_table, layers)
-    arrays = _layout(cfg, record, classes, spec)
+    layers, classes = _layer_records(extractor, specs, dataset, stored.prepare, device)
+    record = _metadata(cfg, teacher, split, spec, view_table, layers, stored)
+    arrays = _layout(cfg, record, classes, stored)
     run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
                                          "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
-    return SplitJob(cfg, split, ViewDataset(split, view_table, ViewRenderer(spec)), view_table, crop_flip_codes(view_table, spec),
-                    extractor, prepare, device, amp, arrays, record, run_key, cache_path(cfg, split_name))
+    return SplitJob(cfg, split, dataset, view_table, stored, extractor, stored.prepare, device, amp, arrays, record,
+                    run_key, cache_path(cfg, split_name))
 
 
 def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = Dist.single()) -> Path:
@@ -242,10 +282,13 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
 
 
 @torch.inference_mode()
-def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], split: Split, prepare, device) -> tuple[list[dict], int]:
+def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], dataset: ViewDataset, prepare,
+                   device) -> tuple[list[dict], int]:
     """Each layer's metadata record (activation side, stored forms with their shapes) and the class count,
-    probed with a forward pass of two samples through `stored_form`, the function that computes every row."""
-    out = extractor(prepare(split.images[:2].to(device)))
+    probed with a forward pass of the first view of two samples through `stored_form`, the function that computes
+    every row."""
+    probe = torch.stack([dataset[i][0][0] for i in range(min(2, len(dataset)))])
+    out = extractor(prepare(probe.to(device)))
     records = []
     for spec in specs:
         record = {"name": spec.name, "activation": activation_side(extractor.net, spec.name),
@@ -256,9 +299,9 @@ def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], split: S
     return records, out["logits"].shape[1]
 
 
-def _layout(cfg: DumpConfig, record: dict, classes: int, spec: ViewSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+def _layout(cfg: DumpConfig, record: dict, classes: int, stored: StoredViews) -> dict[str, tuple[tuple[int, ...], str]]:
     v = record["views"]["count"]
-    arrays = {"index": ((), "int64"), "labels": ((), "int64"), "views/code": ((v,), code_dtype(spec))}
+    arrays = {"index": ((), "int64"), "labels": ((), "int64"), stored.column: (stored.rows.shape[1:], stored.dtype)}
     if cfg.topk:
         arrays["topk_values"] = ((v, cfg.topk), cfg.logits_dtype)
         arrays["topk_indices"] = ((v, cfg.topk), "int32")
@@ -270,7 +313,8 @@ def _layout(cfg: DumpConfig, record: dict, classes: int, spec: ViewSpec) -> dict
     return arrays
 
 
-def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, view_table, layers: list[dict]) -> dict:
+def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, view_table, layers: list[dict],
+              stored: StoredViews) -> dict:
     return {
         "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "logitcache_version": __version__,
         "teacher": teacher.identity(),
@@ -281,13 +325,19 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
                                "needs it, float32 / 255, its mean and std); normalize is the data set's"},
         "views": {"count": int(view_table.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"
                   else ("eval" if view_table.shape[1] == 1 else "random"),
-                  "seed": cfg.seed, "eval_view": eval_view(view_table, spec),
-                  "code": "(top * (2 * crop_padding + 1) + left) * 2 + flip"},
+                  "seed": cfg.seed, **_view_record(spec, view_table)},
         "dtypes": {"logits": cfg.logits_dtype, "forms": "float16", "index": "int64", "labels": "int64",
-                   "views/code": code_dtype(spec)},
+                   stored.column: stored.dtype},
         "layers": layers,
         "topk": cfg.topk,
     }
+
+
+def _view_record(spec: ViewSpec, view_table: np.ndarray) -> dict:
+    if spec.boxes:
+        return {"eval_view": 0, "kind": spec.kind,
+                "box": "views/box rows: (top, left, height, width, flip) in the original image's pixels"}
+    return {"eval_view": eval_view(view_table, spec), "code": "(top * (2 * crop_padding + 1) + left) * 2 + flip"}
 
 
 def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = True, desc: str | None = None,
@@ -309,7 +359,7 @@ def _fill(writer: CacheWriter, job: SplitJob, offset: int = 0, progress: bool = 
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=job.amp):
                 out = job.extractor(x)
             batch = _rows(out, b, v, cfg, job.record["layers"], index)
-            batch.update(index=index.numpy(), labels=labels.numpy(), **{"views/code": job.codes[index.numpy()]})
+            batch.update(index=index.numpy(), labels=labels.numpy(), **{job.views.column: job.views.rows[index.numpy()]})
             background.submit(int(index[0]) - offset, batch)
             bar.update(b)
             heartbeat()
