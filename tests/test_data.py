@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from logitcache.core.config import DataConfig
@@ -69,7 +70,7 @@ def test_cifar_without_files_says_how_to_fix(tmp_path):
         prepare_data(DataConfig(dataset="cifar10", source=str(tmp_path), root=str(tmp_path / "out")))
 
 
-def test_image_folder_is_prepared_resized_with_measured_statistics(tmp_path):
+def test_image_folder_is_indexed_in_place_with_measured_statistics(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -79,11 +80,12 @@ def test_image_folder_is_prepared_resized_with_measured_statistics(tmp_path):
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    cfg = DataConfig(dataset="imagefolder", source=str(tmp_path / "raw"), root=str(tmp_path / "out"), image_size=16)
+    cfg = DataConfig(dataset="imagefolder", source=str(tmp_path / "raw"), root=str(tmp_path / "out"))
     meta = prepare_data(cfg)
     assert meta["classes"] == ["cat", "dog"] and meta["splits"]["train"]["count"] == 6
     split = load_split(cfg, "train")
-    assert split.images.shape == (6, 3, 16, 16) and split.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert split.read(5).shape == (3, 20, 24) and split.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (split.sizes == [20, 24]).all() and split.image_size == (20, 24)
     assert 0.3 < split.mean[0] < 0.7
 
 
@@ -130,7 +132,8 @@ def _write_image_folder(root: Path, train: np.ndarray, train_labels, test: np.nd
 @pytest.mark.parametrize("dataset, num_classes, write", [
     ("cifar10", 10, _write_cifar10), ("cifar100", 100, _write_cifar100), ("imagefolder", 3, _write_image_folder)])
 def test_every_data_set_runs_end_to_end_from_its_raw_files(dataset, num_classes, write, tmp_path, monkeypatch):
-    """prepare-data -> train-teacher (1 epoch) -> dump-teacher -> train-student, through the CLI, never downloading."""
+    """prepare-data -> train-teacher (1 epoch; an image folder, read in place: import-teacher) -> dump-teacher ->
+    train-student, through the CLI, never downloading."""
     import torchvision.datasets.cifar
     import yaml
     from click.testing import CliRunner
@@ -161,8 +164,18 @@ def test_every_data_set_runs_end_to_end_from_its_raw_files(dataset, num_classes,
                             "caches": [str(tmp_path / "cache" / "train.h5")],
                             "test_cache": str(tmp_path / "cache" / "test.h5"), "out": str(tmp_path / "student")}},
     }))
+    teacher = ["train-teacher"]
+    if dataset == "imagefolder":  # its images are read one by one: the teacher comes trained, its views are boxes
+        from logitcache.core.models import build_model
+
+        torch.manual_seed(0)
+        torch.save(build_model("resnet8", 3, 3).state_dict(), tmp_path / "resnet8.pt")
+        teacher = ["import-teacher", str(tmp_path / "resnet8.pt"), "--arch", "resnet8", "--resize", "32", "--crop", "32"]
+        raw = yaml.safe_load(params.read_text())
+        raw["dump"]["augment"] = {"kind": "random_resized_crop"}
+        params.write_text(yaml.safe_dump(raw))
     runner = CliRunner()
-    for command in (["prepare-data"], ["train-teacher"], ["dump-teacher"], ["train-student", "kd"]):
+    for command in (["prepare-data"], teacher, ["dump-teacher"], ["train-student", "kd"]):
         result = runner.invoke(main, [*command, "--params", str(params)])
         assert result.exit_code == 0, f"{command}: {result.output}"
 
@@ -171,8 +184,11 @@ def test_every_data_set_runs_end_to_end_from_its_raw_files(dataset, num_classes,
     if dataset == "imagefolder":
         train, train_labels = train[order_train], train_labels[order_train]
         test, test_labels = test[order_test], test_labels[order_test]
-    assert np.array_equal(prepared.images.numpy(), train) and np.array_equal(prepared.labels.numpy(), train_labels)
-    assert np.array_equal(load_split(cfg, "test").images.numpy(), test)
+    def images(split):
+        return torch.stack([split.read(i) for i in range(len(split))]).numpy() if split.is_files else split.images.numpy()
+
+    assert np.array_equal(images(prepared), train) and np.array_equal(prepared.labels.numpy(), train_labels)
+    assert np.array_equal(images(load_split(cfg, "test")), test)
     assert prepared.num_classes == num_classes
     meta = json.loads((tmp_path / "prepared" / dataset / "meta.json").read_text())
     assert meta["classes"] == classes

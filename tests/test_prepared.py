@@ -88,8 +88,7 @@ def _image_folder(root: Path, classes: dict[str, list[str]]) -> Path:
 
 
 def _prepare_folder(source: Path, out: Path):
-    return cli("prepare-data", "--dataset", "imagefolder", "--source", source, "--root", out,
-               "-S", "data.image_size=8")
+    return cli("prepare-data", "--dataset", "imagefolder", "--source", source, "--root", out)
 
 
 def test_an_imagefolder_test_split_with_other_classes_is_refused_naming_them(tmp_path):
@@ -120,5 +119,5 @@ def test_an_imagefolder_takes_its_classes_from_the_training_split(tmp_path):
     source = _image_folder(tmp_path / "raw", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
     result = _prepare_folder(source, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    cfg = DataConfig(dataset="imagefolder", source=str(source), root=str(tmp_path / "out"), image_size=8)
+    cfg = DataConfig(dataset="imagefolder", source=str(source), root=str(tmp_path / "out"))
     assert load_split(cfg, "test").labels.tolist() == [0, 0, 1, 1]

@@ -103,22 +103,38 @@ class DataConfig(Section):
     """The data set: where its raw files are and where prepare-data writes the arrays every stage reads."""
 
     dataset: str = Field("fashion_mnist", description="which data set, by its name in the DATASETS registry of "
-                         "logitcache/core/data.py; imagefolder reads <source>/{train,test}/<class>/<image>")
+                         "logitcache/core/data.py; imagefolder reads <source>/<folder>/<class>/<image> in place")
     source: str | None = Field(None, description="folder of the raw files; null = the data set's "
                                              "default (Debian's /usr/share/datasets/fashion-mnist for fashion_mnist)")
     root: str = Field("data/prepared", description="prepare-data writes <root>/<dataset>/; "
                       "the other stages read the arrays there")
     download: bool = Field(False, description="let torchvision download the raw files into source "
                            "(fashion_mnist, cifar10, cifar100)")
-    image_size: int = Field(32, ge=8, le=512, description="imagefolder only: images are resized to this")
-    train_limit: int | None = Field(None, ge=1, description="keep only the first N training samples")
-    test_limit: int | None = Field(None, ge=1, description="keep only the first N test samples")
+    folders: dict[str, str] = Field({"train": "train", "test": "test"}, description="imagefolder only: the "
+                                    "folder of each split under source (ImageNet's test split is `val`)")
+    train_limit: int | None = Field(None, ge=1, description="keep only N training samples: the first N, or for "
+                                    "imagefolder a seeded subset with each class's share (subset_seed)")
+    test_limit: int | None = Field(None, ge=1, description="keep only N test samples (as train_limit)")
+    subset_seed: int = Field(0, ge=0, description="imagefolder only: seed of the train_limit / test_limit subset "
+                             "and of the images the statistics are measured on")
+    stats_images: int = Field(5000, ge=1, description="imagefolder only: the normalisation statistics are measured "
+                              "on a seeded sample of this many training images, decoded one at a time")
     validation: int = Field(5000, ge=0, description="training rows held out as the validation split, the same for "
                             "the teacher and every student: scored after every epoch, never trained on; 0 = none "
                             "(then only select: last)")
     validation_seed: int = Field(0, ge=0, description="seed of which training rows are held out")
 
     _check_dataset = field_validator("dataset")(_known_dataset)
+
+    @field_validator("folders")
+    @classmethod
+    def _check_folders(cls, value: dict[str, str]) -> dict[str, str]:
+        if set(value) != {"train", "test"}:
+            raise ValueError("give the folder of each split, train and test, e.g. {train: train, test: val}")
+        bad = [name for name in value.values() if not name or Path(name).is_absolute() or ".." in Path(name).parts]
+        if bad:
+            raise ValueError(f"split folders are names under data.source, not {bad[0]!r}")
+        return value
     _check_root = field_validator("root")(_folder)
 
 

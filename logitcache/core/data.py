@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from logitcache.core import imagefiles
 from logitcache.core.config import DataConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.io import check_output_folder, output_lock
@@ -38,7 +39,8 @@ class DatasetSpec:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     default_source: str
-    load: Callable[[DataConfig, str, str], tuple[np.ndarray, np.ndarray, list[str]]]
+    load: Callable[[DataConfig, str, str], tuple[np.ndarray, np.ndarray, list[str]]] | None
+    files: bool = False  # read in place: prepare-data indexes the image files, later stages decode them
 
 
 def _load_fashion_mnist(cfg: DataConfig, source: str, split: str):
@@ -90,43 +92,24 @@ def _load_cifar(cls_name: str):
     return load
 
 
-def _load_image_folder(cfg: DataConfig, source: str, split: str):
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    folder = Path(source) / split
-    if not folder.is_dir():
-        raise LogitcacheError(f"ImageFolder split {folder} is missing; expected {source}/{{train,test}}/<class>/<image>")
-    resize = v2.Compose([v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
-    classes = _image_folder_classes(Path(source), split)
-    try:
-        ds = ImageFolder(str(folder), transform=lambda img: resize(img.convert("RGB")))
-    except FileNotFoundError as e:  # a class folder without images
-        raise LogitcacheError(f"ImageFolder split {folder}: {e}; put images in every class folder or remove it") from None
-    return np.stack([_image(ds, i) for i in range(len(ds))]), np.asarray(ds.targets), classes
-
-
-def _image_folder_classes(source: Path, split: str) -> list[str]:
-    """The classes of the training split; another split must have the same, or its labels would mean others."""
-    from torchvision.datasets.folder import find_classes
-
-    classes = [p.name for p in sorted((source / "train").iterdir()) if p.is_dir()] if (source / "train").is_dir() else []
-    if split != "train":
-        found, _ = find_classes(str(source / split))
-        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-        if extra or missing:
-            raise LogitcacheError(f"ImageFolder split {source / split} has other classes than {source / 'train'} "
-                                  f"(extra: {', '.join(extra) or 'none'}; missing: {', '.join(missing) or 'none'}); "
-                                  "give every split the same class folders")
-    return classes
-
-
-def _image(ds, i: int) -> np.ndarray:
-    try:
-        return ds[i][0].numpy()
-    except Exception as e:  # PIL.UnidentifiedImageError, a truncated file
-        raise LogitcacheError(f"image {ds.samples[i][0]} cannot be read ({type(e).__name__}); remove or replace "
-                              "it") from None
+def _image_folder_classes(source: Path, folders: dict[str, str]) -> list[str]:
+    """The classes of the training split; the test split must have the same, or its labels would mean others."""
+    found = {}
+    for split in SPLITS:
+        folder = source / folders[split]
+        if not folder.is_dir():
+            raise LogitcacheError(f"image folder split {folder} is missing; expected {source}/{folders[split]}/<class>/"
+                                  f"<image> (data.folders names each split's folder)")
+        found[split] = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    extra, missing = sorted(set(found["test"]) - set(found["train"])), sorted(set(found["train"]) - set(found["test"]))
+    if extra or missing:
+        raise LogitcacheError(f"image folder {source / folders['test']} has other classes than "
+                              f"{source / folders['train']} (extra: {', '.join(extra) or 'none'}; missing: "
+                              f"{', '.join(missing) or 'none'}); give every split the same class folders")
+    if not found["train"]:
+        raise LogitcacheError(f"image folder {source / folders['train']} has no class folders; expected "
+                              "<split>/<class>/<image>")
+    return found["train"]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -134,7 +117,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "data/raw/cifar10", _load_cifar("CIFAR10")),
     "cifar100": DatasetSpec(3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/raw/cifar100", _load_cifar("CIFAR100")),
     # ImageFolder statistics are not fixed by a definition: they are measured on its training split.
-    "imagefolder": DatasetSpec(3, None, None, None, "data/raw/imagefolder", _load_image_folder),
+    "imagefolder": DatasetSpec(3, None, None, None, "data/raw/imagefolder", None, files=True),
 }
 
 
@@ -161,7 +144,7 @@ def prepare_data(cfg: DataConfig) -> dict:
     if not cfg.download and not Path(source).exists():
         raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
     with output_lock(dataset_dir(cfg), "prepare-data"):
-        return _prepare(cfg, spec, source)
+        return _prepare_files(cfg, Path(source)) if spec.files else _prepare(cfg, spec, source)
 
 
 def _prepare(cfg: DataConfig, spec: DatasetSpec, source) -> dict:
@@ -179,6 +162,29 @@ def _prepare(cfg: DataConfig, spec: DatasetSpec, source) -> dict:
         if split == "train":
             meta["mean"], meta["std"] = _statistics(spec, images)
     meta.update(classes=classes, num_classes=len(classes), channels=int(images.shape[1]), image_size=list(images.shape[2:]))
+    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    _atomic_write_text(out / "config.json", json.dumps({"data": cfg.model_dump(mode="json")}, indent=2) + "\n")
+    return meta
+
+
+def _prepare_files(cfg: DataConfig, source: Path) -> dict:
+    """An image folder: every split scanned, subset and indexed (each file hashed, its size read from its header)
+    before anything is written; statistics from a seeded sample of training images, decoded one at a time."""
+    classes = _image_folder_classes(source, cfg.folders)
+    scanned = {split: imagefiles.scan(source / cfg.folders[split], classes) for split in SPLITS}
+    indexes = {}
+    for split, (paths, labels) in scanned.items():
+        rows = imagefiles.stratified(labels, cfg.train_limit if split == "train" else cfg.test_limit, cfg.subset_seed)
+        indexes[split] = imagefiles.build_index(source, [paths[i] for i in rows], labels[rows])
+    mean, std = imagefiles.streaming_statistics(source, indexes["train"], cfg.stats_images, cfg.subset_seed)
+    out = dataset_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"dataset": cfg.dataset, "source": str(source), "files": True, "decoder": imagefiles.decoder(),
+            "splits": {}, "mean": mean, "std": std, "classes": classes, "num_classes": len(classes), "channels": 3,
+            "image_size": None}
+    for split, index in indexes.items():
+        index.save(out / f"{split}_index.npz")
+        meta["splits"][split] = {"count": len(index), "fingerprint": index.fingerprint()}
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     _atomic_write_text(out / "config.json", json.dumps({"data": cfg.model_dump(mode="json")}, indent=2) + "\n")
     return meta
@@ -249,6 +255,8 @@ def load_split(cfg: DataConfig, split: str) -> Split:
     """Load a prepared split; refuses when prepare-data has not run or its files were changed."""
     folder = dataset_dir(cfg)
     meta = _read_meta(cfg)
+    if meta.get("files"):
+        return _file_split(meta, folder, split)
     images, labels = (_read_array(folder / f"{split}_{part}.npy") for part in ("images", "labels"))
     expected = meta["splits"][split]["fingerprint"]
     if fingerprint(images, labels) != expected:
@@ -257,6 +265,16 @@ def load_split(cfg: DataConfig, split: str) -> Split:
         dataset=meta["dataset"], name=split, images=torch.from_numpy(images), labels=torch.from_numpy(labels),
         fingerprint=expected, num_classes=meta["num_classes"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
     )
+
+
+def _file_split(meta: dict, folder: Path, split: str) -> imagefiles.FileSplit:
+    index = imagefiles.FileIndex.load(folder / f"{split}_index.npz")
+    expected = meta["splits"][split]["fingerprint"]
+    if index.fingerprint() != expected:
+        raise LogitcacheError(f"prepared {split} index in {folder} does not match its meta.json fingerprint; rerun "
+                              "prepare-data")
+    return imagefiles.FileSplit(meta["dataset"], split, Path(meta["source"]), index, expected, meta["num_classes"],
+                                tuple(meta["mean"]), tuple(meta["std"]))
 
 
 def split_identity(cfg: DataConfig, split: str) -> dict:
@@ -272,6 +290,12 @@ def check_prepared(cfg: DataConfig) -> None:
     split's content is read once, after training, where its fingerprint is checked)."""
     meta, folder = _read_meta(cfg), dataset_dir(cfg)
     for split in SPLITS:
+        if meta.get("files"):
+            if len(imagefiles.FileIndex.load(folder / f"{split}_index.npz")) != meta["splits"][split]["count"]:
+                raise LogitcacheError(f"prepared index {folder / f'{split}_index.npz'} does not hold the "
+                                      f"{meta['splits'][split]['count']} rows meta.json records; rerun "
+                                      "`logitcache prepare-data`")
+            continue
         for part in ("images", "labels"):
             path = folder / f"{split}_{part}.npy"
             if _array_rows(path) != meta["splits"][split]["count"]:
@@ -296,7 +320,8 @@ def _array_rows(path: Path) -> int:
     return shape[0]
 
 
-PREPARED_BY = ("train_limit", "test_limit")  # data settings only prepare-data applies (imagefolder: image_size too)
+PREPARED_BY = ("train_limit", "test_limit")  # data settings only prepare-data applies
+PREPARED_FILES_BY = (*PREPARED_BY, "folders", "subset_seed", "stats_images")  # an image folder's
 
 
 def _read_meta(cfg: DataConfig) -> dict:
@@ -310,7 +335,7 @@ def _read_meta(cfg: DataConfig) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LogitcacheError(f"prepared data {folder}: meta.json or config.json is damaged ({type(e).__name__}: "
                               f"{str(e)[:80]}); rerun `logitcache prepare-data`") from None
-    keys = (*PREPARED_BY, "image_size") if cfg.dataset == "imagefolder" else PREPARED_BY
+    keys = PREPARED_FILES_BY if DATASETS[cfg.dataset].files else PREPARED_BY
     changed = [key for key in keys if key in made and made[key] != getattr(cfg, key)]
     if changed:
         now = " ".join(f"-S data.{key}={getattr(cfg, key)}" for key in changed)

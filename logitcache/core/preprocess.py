@@ -43,9 +43,10 @@ class Preprocess:
                    data["channels"])
 
     @classmethod
-    def of_data(cls, channels: int, image_size: tuple[int, int], mean, std) -> "Preprocess":
-        """A teacher logitcache trained: the data at its own size, with the data set's statistics."""
-        side = min(image_size) if image_size[0] == image_size[1] else None
+    def of_data(cls, channels: int, image_size: tuple[int, int] | None, mean, std) -> "Preprocess":
+        """A teacher logitcache trained: the data at its own size, with the data set's statistics (no size: images
+        of many sizes, whose input size the user sets with teacher.preprocess)."""
+        side = min(image_size) if image_size and image_size[0] == image_size[1] else None
         return cls(side, side, "bilinear", tuple(mean), tuple(std), channels)
 
     @classmethod

@@ -17,6 +17,7 @@ from logitcache import __version__
 from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
 from logitcache.cache.reader import Cache
 from logitcache.core import interrupt
+from logitcache.core import imagefiles
 from logitcache.core.config import DumpConfig, LayerSpec, Params
 from logitcache.core.data import Split, load_split
 from logitcache.core.distributed import Dist
@@ -321,6 +322,7 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
         "dataset": split.identity(),
         "transform": {"normalize": {"mean": list(split.mean), "std": list(split.std)}, "augment": spec.to_json(),
                       "preprocess": teacher.preprocess_for(split).to_json(),
+                      **({"decoder": imagefiles.decoder()} if split.is_files else {}),
                       "input": "uint8 view -> teacher preprocess (resize, center crop, grey to RGB where the teacher "
                                "needs it, float32 / 255, its mean and std); normalize is the data set's"},
         "views": {"count": int(view_table.shape[1]), "mode": "all" if cfg.views == "all" and split.name == "train"

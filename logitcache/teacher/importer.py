@@ -35,7 +35,7 @@ class DataShape:
 
     classes: list[str]
     channels: int
-    image_size: tuple[int, int]
+    image_size: tuple[int, int] | None  # None: images of many sizes (an image folder)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -84,7 +84,8 @@ def _data_shape(params: Params) -> DataShape:
         raise LogitcacheError(f"no prepared data at {meta_path.parent}; run `logitcache prepare-data` first "
                               "(the import fits the teacher to the data's classes and channels)")
     meta = json.loads(meta_path.read_text())
-    return DataShape(list(meta["classes"]), meta["channels"], tuple(meta["image_size"]), tuple(meta["mean"]),
+    return DataShape(list(meta["classes"]), meta["channels"], tuple(meta["image_size"]) if meta["image_size"] else None,
+                     tuple(meta["mean"]),
                      tuple(meta["std"]))
 
 

@@ -41,6 +41,7 @@ from logitcache.core.training import (
     train_steps,
     validation_scorer,
 )
+from logitcache.core.errors import LogitcacheError
 from logitcache.core.preprocess import TeacherInput, preprocess_input
 from logitcache.core.views import ViewSpec
 from logitcache.teacher.init import Start, initial_teacher
