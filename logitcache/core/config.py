@@ -355,8 +355,6 @@ class Params(Section):
                                                "students.NAME; a key left out takes the student default")
     export: ExportConfig = Field(ExportConfig(), description="deployable exports (export)")
     prune: PruneConfig = Field(PruneConfig(), description="structured channel pruning (prune)")
-    pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
-                                         "cache (init: the output of logitcache prune)")
 
     @field_validator("students")
     @classmethod
@@ -374,8 +372,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _selection_needs_validation(self):
         if self.data.validation == 0:
-            chosen = {"teacher": self.teacher, **{f"students.{k}": v for k, v in self.students.items()},
-                      **({"pruned": self.pruned} if self.pruned else {})}
+            chosen = {"teacher": self.teacher, **{f"students.{k}": v for k, v in self.students.items()}}
             best = [name for name, cfg in chosen.items() if cfg.select == "best"]
             if best:
                 raise ValueError(f"{best[0]}.select: best needs a validation split; set data.validation > 0 or "
@@ -385,8 +382,6 @@ class Params(Section):
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
             return self.students[name]
-        if name == "pruned" and self.pruned is not None:
-            return self.pruned
         if name == "default":
             return StudentConfig()
         known = ", ".join(self.students) or "none"
