@@ -305,6 +305,9 @@ class StudentConfig(TrainConfig):
                                        "one run in <out> with seed")
     init: str | None = Field(None, description="start from this checkpoint's weights and architecture, e.g. a "
                              "model from `logitcache prune`; its base model must be `model`")
+    latency: bool = Field(True, description="end the run by timing the trained model at batch 1 (metrics "
+                          "latency_ms, latency_p90_ms; `logitcache export` times it at length); false: no timing, "
+                          "both null")
     out: str = Field("data/students/default", description="folder of student.pt, metrics.json, history.json and "
                      "config.json; with seeds, each seed's run is in runs/seed<N>/ and metrics.json holds mean and std")
 
