@@ -27,7 +27,7 @@ def _pct(row: dict, key: str) -> str:
 def headline() -> str:
     """Every model of the summary: what it learns from, accuracy, agreement with the teacher, size, budget."""
     params, found = load_params("params.yaml"), _rows()
-    rows = {name: found[name] for name in ["teacher", *params.students, "pruned"] if name in found}
+    rows = {name: found[name] for name in ["teacher", *params.students] if name in found}
     ce = rows.get("ce")
     lines = ["| model | arch | learns from | labels | test acc (%) | vs ce (points) | val acc (%) | agreement with "
              "teacher (%) | params | steps |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -52,13 +52,14 @@ def headline() -> str:
 
 def cost() -> str:
     """`dvc repro`'s training time, as its committed outputs record it."""
-    rows = _rows()
+    params, rows = load_params("params.yaml"), _rows()
     minutes = {name: row["train_seconds"] / 60 for name, row in rows.items()}
-    students = [m for name, m in minutes.items() if name not in ("teacher", "pruned")]
-    pruned = f", the pruned model's recovery {minutes['pruned']:.0f} min" if "pruned" in minutes else ""
+    started = [name for name in minutes if name != "teacher" and params.student(name).init]  # from a checkpoint
+    students = [m for name, m in minutes.items() if name != "teacher" and name not in started]
+    recovered = "".join(f", the {name} model's recovery {minutes[name]:.0f} min" for name in started)
     return (f"`dvc repro` takes about **{sum(minutes.values()):.0f} min** of training on 2 CPU cores, as its "
             f"committed outputs record it: the teacher {minutes['teacher']:.0f} min, {len(students)} students "
-            f"{min(students):.0f}–{max(students):.0f} min each (their seeds at once){pruned}; preparing the data, "
+            f"{min(students):.0f}–{max(students):.0f} min each (their seeds at once){recovered}; preparing the data, "
             "the dump, the exports and the summary add a few minutes.")
 
 

@@ -482,7 +482,7 @@ def prune_cmd(params, checkpoint) -> None:
     \b
     Example:
       logitcache prune data/teacher/teacher.pt --ratio 0.4 --out data/pruned/teacher.pt
-      logitcache train-student pruned              # params.yaml's pruned: section, init: data/pruned/teacher.pt
+      logitcache train-student pruned              # students.pruned in params.yaml, init: data/pruned/teacher.pt
     """
     from logitcache.deploy.prune import prune_checkpoint
 

@@ -35,8 +35,7 @@ def _summarize(params: Params, out: str | Path) -> dict:
     teacher_pt = Path(params.teacher.out) / "teacher.pt"
     rows = {"teacher": {"model": params.teacher.model, "mode": "teacher", **_read(Path(params.teacher.out))}}
     folders = {"teacher": Path(params.teacher.out)}
-    students = {**params.students, **({"pruned": params.pruned} if params.pruned else {})}
-    for name, cfg in students.items():
+    for name, cfg in params.students.items():
         rows[name] = {"model": cfg.model + (" (pruned)" if cfg.init else ""), **_read(Path(cfg.out))}
         folders[name] = Path(cfg.out)
     reference = {"teacher_sha256": _sha256(teacher_pt) if teacher_pt.is_file() else None,

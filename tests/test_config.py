@@ -19,6 +19,15 @@ def test_repo_params_yaml_matches_builtin_defaults():
         assert set(raw[section]) <= set(type(getattr(params, section)).model_fields)
 
 
+def test_the_pruned_model_is_a_student_like_the_others():
+    """students.pruned starts from the pruned checkpoint; train-student finds it as any student."""
+    raw = yaml.safe_load(open("params.yaml"))
+    params = load_params("params.yaml")
+    assert "pruned" not in raw and raw["students"]["pruned"]["init"] == raw["prune"]["out"]
+    assert params.student("pruned") is params.students["pruned"]
+    assert params.student("pruned").init == "data/pruned/teacher.pt" and params.student("pruned").seeds is None
+
+
 def test_overrides_apply_and_parse_yaml_values(tmp_path):
     params = load_params(None, ["teacher.epochs=3", "teacher.augment.flip=false", "teacher.lr=0.05"])
     assert params.teacher.epochs == 3 and params.teacher.augment.flip is False and params.teacher.lr == 0.05
@@ -32,6 +41,9 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("data.dataset=mnist3", "invalid -S data.dataset=mnist3: unknown data set 'mnist3'; choose one of fashion_mnist"),
     ("students.s.label_smoothing=0.1", "invalid -S students.s.label_smoothing=0.1: students do not use "
                                        "'label_smoothing' (a teacher setting); remove 'students.s.label_smoothing'"),
+    ("students.s.backbone_lr=0.01", "students do not use 'backbone_lr' (a teacher setting)"),
+    ("students.s.preprocess={crop: 28}", "students do not use 'preprocess' (a teacher setting)"),
+    ("pruned={init: data/pruned/teacher.pt}", "invalid -S pruned={init: data/pruned/teacher.pt}: unknown key 'pruned'"),
     ("teacher.augment.policy=[{name: NoSuchOp}]", "torchvision.transforms.v2"),
     ("teacher", "section.key=value"),
     ("dump.layers=[layer2, {name: layer2, forms: [attention]}]", "layer(s) layer2 listed twice"),

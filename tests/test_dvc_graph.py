@@ -79,21 +79,39 @@ def command_roots(command: str) -> list[str]:
 
 
 def stages() -> dict[str, dict]:
-    """dvc.yaml's stages, with foreach groups expanded over params.yaml's students."""
+    """dvc.yaml's stages, with foreach groups (a list of names, or a dict of name: value) expanded."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     out = {}
     for name, stage in spec.items():
         if "foreach" in stage:
-            items = params["students"] if stage["foreach"] == "${students}" else stage["foreach"]
-            for key, item in items.items():
-                text = yaml.safe_dump(stage["do"]).replace("${key}", key)
-                if isinstance(item, str):
-                    text = text.replace("${item}", item)
+            items = stage["foreach"]
+            for key, item in items.items() if isinstance(items, dict) else ((item, item) for item in items):
+                text = yaml.safe_dump(stage["do"]).replace("${key}", key).replace("${item}", item)
                 out[f"{name}@{key}"] = yaml.safe_load(text)
         else:
             out[name] = stage
     return out
+
+
+def student_stages() -> dict[str, str]:
+    """Student name -> the dvc.yaml stage that trains it."""
+    return {stage.partition("@")[2]: stage for stage in stages() if stage.startswith("train_student")}
+
+
+def test_every_student_of_params_has_one_stage_with_its_init_file_as_a_dependency():
+    students = yaml.safe_load((ROOT / "params.yaml").read_text())["students"]
+    spec, trained = stages(), student_stages()
+    assert sorted(trained) == sorted(students)
+    assert len(trained) == sum(stage.startswith("train_student") for stage in spec), "a student trained twice"
+    for name, cfg in students.items():
+        stage = spec[trained[name]]
+        assert trained[name] == ("train_student_init@" if cfg.get("init") else "train_student@") + name
+        assert cfg["out"] == f"data/students/{name}" and f"students.{name}" in stage["params"]
+        assert stage["cmd"].split()[:3] == ["logitcache", "train-student", name]
+        if cfg.get("init"):
+            assert cfg["init"] in stage["deps"] and f"{cfg['out']}/student.pt" in stage["outs"]
+        else:
+            assert f"{cfg['out']}/runs" in stage["outs"] and cfg["seeds"]
 
 
 def covered(path: str, declared: list[str]) -> bool:
@@ -199,24 +217,24 @@ def test_every_params_key_a_stage_reads_is_declared(tmp_path, monkeypatch):
     from logitcache.teacher.train import train_teacher
 
     monkeypatch.chdir(tmp_path)
-    names = list(yaml.safe_load((ROOT / "params.yaml").read_text())["students"])
+    students = yaml.safe_load((ROOT / "params.yaml").read_text())["students"]
     overrides = ["data.train_limit=256", "data.test_limit=128", "data.validation=25", "teacher.epochs=1", "teacher.workers=0",
                  "dump.views=2", "dump.workers=0"]
-    overrides += [f"students.{n}.{k}" for n in names for k in ("steps=4", "evaluations=1", "seeds=[0]", "workers=0")]
-    overrides += ["pruned.epochs=1", "pruned.workers=0", "export.latency_runs=2", "export.throughput_runs=1",
-                  "export.calibration_images=32"]
+    overrides += [f"students.{n}.{k}" for n, cfg in students.items()
+                  for k in ("steps=4", "evaluations=1", "workers=0", *(["seeds=[0]"] if cfg.get("seeds") else []))]
+    overrides += ["export.latency_runs=2", "export.throughput_runs=1", "export.calibration_images=32"]
     params = load_params(ROOT / "params.yaml", overrides)
     spec = stages()
     runs = {"prepare_data": lambda: prepare_data(params.data), "train_teacher": lambda: train_teacher(params),
             "dump_teacher": lambda: dump_teacher(params),
-            **{f"train_student@{n}": (lambda n=n: train_student(params, n)) for n in names},
+            **{stage: (lambda n=n: train_student(params, n)) for n, stage in student_stages().items()},
             "prune_teacher": lambda: prune_checkpoint(params, "data/teacher/teacher.pt"),
-            "recover_pruned": lambda: train_student(params, "pruned"),
             **{name: (lambda name=name: export_checkpoint(params, spec[name]["cmd"].split()[2], name.partition("@")[2]))
                for name in spec if name.startswith("export@")},
             "summary": lambda: summarize(params, "data/summary")}
     assert set(runs) == set(spec), "every stage of dvc.yaml is run here"
-    for stage, run in runs.items():
+    for stage in spec:  # dvc.yaml's order: a stage's inputs are made before it
+        run = runs[stage]
         with recording(params) as reads:
             run()
         missing = sorted(key for key in reads if not param_covered(key, spec[stage].get("params", [])))

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from logitcache.cache.format import form_dataset
 from logitcache.cli import main
+from logitcache.core import speed
 from logitcache.core.config import validate
 from logitcache.core.data import holdout, load_split
 from logitcache.core.errors import LogitcacheError
@@ -47,6 +48,21 @@ def test_same_seed_same_student(data_cfg, cache_dir, tmp_path):
     a = train_student(student_params(data_cfg, cache_dir, tmp_path / "a", epochs=1), "s")
     b = train_student(student_params(data_cfg, cache_dir, tmp_path / "b", epochs=1), "s")
     assert a["test_acc"] == b["test_acc"] and a["kl_to_teacher"] == b["kl_to_teacher"]
+
+
+def test_a_run_with_latency_off_times_nothing_and_records_null(data_cfg, cache_dir, tmp_path, monkeypatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed with latency: false")
+
+    monkeypatch.setattr(speed, "timings", no_timing)  # every batch-1 timing goes through it
+    params = student_params(data_cfg, cache_dir, tmp_path, epochs=1, seeds=[0, 1], latency=False)
+    summary = train_student(params, "s")
+    for seed in (0, 1):
+        metrics = json.loads((tmp_path / "student" / "runs" / f"seed{seed}" / "metrics.json").read_text())
+        assert metrics["latency_ms"] is None and metrics["latency_p90_ms"] is None and metrics["test_acc"] > 0
+    assert "latency_ms" not in summary and "latency_ms" not in summary["per_seed"]["0"]
+    with pytest.raises(AssertionError, match="latency: false"):  # the default times
+        train_student(student_params(data_cfg, cache_dir, tmp_path / "timed", epochs=1), "s")
 
 
 HINT = {"pairs": [["block2", "layer2"]], "distance": "cosine"}

@@ -89,3 +89,14 @@ def test_a_damaged_student_metrics_file_is_one_line_and_nothing_is_written(tmp_p
             summarize(_params(tmp_path, ["kd"]), tmp_path / "summary")
         assert words in str(e.value) and "\n" not in str(e.value) and str(tmp_path / "kd" / "metrics.json") in str(e.value)
         assert not (tmp_path / "summary").exists()
+
+
+def test_a_student_run_without_latency_shows_none(tmp_path, monkeypatch):
+    """students.NAME.latency: false records latency_ms as null: the summary leaves it out and shows a dash."""
+    monkeypatch.chdir(tmp_path)
+    origin = {"teacher_sha256": None, "caches": {}, "data_fingerprint": None}
+    flat, table = _rows(tmp_path, {"kd": {**origin, "latency_ms": None, "latency_p90_ms": None},
+                                   "ce": {**origin, "latency_ms": 0.25}})
+    assert "latency_ms" not in flat["kd"] and flat["ce"]["latency_ms"] == 0.25
+    kd, ce = (next(line for line in table.splitlines() if line.startswith(f"| {name} |")) for name in ("kd", "ce"))
+    assert "0.250" in ce and "0.250" not in kd and "–" in kd

@@ -349,6 +349,9 @@ class StudentConfig(TrainConfig):
                                        "one run in <out> with seed")
     init: str | None = Field(None, description="start from this checkpoint's weights and architecture, e.g. a "
                              "model from `logitcache prune`; its base model must be `model`")
+    latency: bool = Field(True, description="end the run by timing the trained model at batch 1 (metrics "
+                          "latency_ms, latency_p90_ms; `logitcache export` times it at length); false: no timing, "
+                          "both null")
     out: str = Field("data/students/default", description="folder of student.pt, metrics.json, history.json and "
                      "config.json; with seeds, each seed's run is in runs/seed<N>/ and metrics.json holds mean and std")
 
@@ -407,8 +410,6 @@ class Params(Section):
                                                "students.NAME; a key left out takes the student default")
     export: ExportConfig = Field(ExportConfig(), description="deployable exports (export)")
     prune: PruneConfig = Field(PruneConfig(), description="structured channel pruning (prune)")
-    pruned: StudentConfig | None = Field(None, description="student `pruned`: the pruned model distilled from the "
-                                         "cache (init: the output of logitcache prune)")
 
     @field_validator("students")
     @classmethod
@@ -426,8 +427,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _selection_needs_validation(self):
         if self.data.validation == 0:
-            chosen = {"teacher": self.teacher, **{f"students.{k}": v for k, v in self.students.items()},
-                      **({"pruned": self.pruned} if self.pruned else {})}
+            chosen = {"teacher": self.teacher, **{f"students.{k}": v for k, v in self.students.items()}}
             best = [name for name, cfg in chosen.items() if cfg.select == "best"]
             if best:
                 raise ValueError(f"{best[0]}.select: best needs a validation split; set data.validation > 0 or "
@@ -437,8 +437,6 @@ class Params(Section):
     def student(self, name: str) -> StudentConfig:
         if name in self.students:
             return self.students[name]
-        if name == "pruned" and self.pruned is not None:
-            return self.pruned
         if name == "default":
             return StudentConfig()
         known = ", ".join(self.students) or "none"

@@ -21,10 +21,11 @@ LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap
 
 
 def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
-                   confusion: Path | None = None, model_info: dict | None = None, view_info: dict | None = None
-                   ) -> dict:
-    """Accuracy, agreement and KL with the teacher (from the test cache), size and batch-1 latency (throughput and
-    other runtimes are `logitcache export`'s)."""
+                   confusion: Path | None = None, model_info: dict | None = None, view_info: dict | None = None,
+                   timed: bool = True) -> dict:
+    """Accuracy, agreement and KL with the teacher (from the test cache), size and, when `timed`, batch-1 latency
+    (else null; throughput and other runtimes are `logitcache export`'s). `view_info` is how a student takes its
+    input (`StudentView.info`), for one that has no checkpoint yet."""
     test = load_split(data, "test")
     if model_info is not None:
         _check_fits(model_info, test)
@@ -46,9 +47,14 @@ def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, tes
                                             reduction="batchmean").item()
         metrics["teacher_test_acc"] = topk_accuracy(teacher, labels, 1)
         metrics["compression"] = teacher_params / n_params if teacher_params else None
-    image = view.inputs(test, [0]).numpy()[0]
-    metrics.update(latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS))
+    metrics.update(batch1_latency(model, view.inputs(test, [0]).numpy()[0], device) if timed else
+                   {"latency_ms": None, "latency_p90_ms": None})
     return metrics
+
+
+def batch1_latency(model: nn.Module, image, device: torch.device) -> dict:
+    """Median and p90 (ms) of LATENCY_RUNS eager runs on one image."""
+    return latency(torch_runtime(model.eval(), device), image, LATENCY_RUNS, WARMUP_RUNS)
 
 
 def _check_fits(info: dict, test: Split) -> None:

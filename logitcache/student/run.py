@@ -182,7 +182,8 @@ def _final_metrics(run: Run, history: list[dict]) -> dict:
     cfg, dist = run.job.cfg, run.job.dist
     selected = run.selector.restore()
     metrics = evaluate_model(run.student, run.job.params.data, run.device, cfg.test_cache,
-                             confusion=run.job.out / "confusion.json", view_info=run.plan.view.info)
+                             confusion=run.job.out / "confusion.json", view_info=run.plan.view.info,
+                             timed=cfg.latency)
     seconds = sum(h["seconds"] for h in history)
     metrics.update(selected, selected_step=history[selected["selected"] - 1]["steps"], mode=mode_name(cfg),
                    labeled=int(run.plan.labeled.sum()), online=cfg.online, world_size=dist.world_size,
