@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from logitcache.cache.topk import topk_summary
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
@@ -16,10 +17,10 @@ from logitcache.student.plan import Plan
 
 def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Callable[[torch.Tensor], TeacherOut]:
     """The teacher's targets for a batch of uint8 views, rendered with the teacher's own preprocessing and rounded as
-    cached."""
+    cached (and, for a top-k cache, summarised as cached)."""
     info = plan.cache
-    if len(cfg.caches) > 1 or info.topk:
-        raise LogitcacheError("--online reproduces a single full-logit cache; use one cache without topk")
+    if len(cfg.caches) > 1:
+        raise LogitcacheError("--online reproduces a single cache; give one cache in caches:")
     teacher = load_teacher(cfg.teacher)
     if teacher.sha256 != info.teacher_sha256:
         raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")
@@ -31,7 +32,10 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     @torch.no_grad()
     def targets(images: torch.Tensor) -> TeacherOut:
         out = extractor(to_input(images, device, teacher_input))
-        return TeacherOut([out["logits"].float().to(dtype).float()] if plan.needs.logits else [],
+        logits = out["logits"].float().to(dtype).float()
+        if info.topk:  # summarised as the dump summarises the rows it writes, after the same rounding
+            logits = topk_summary(logits, info.topk, info.topk_temperatures)
+        return TeacherOut([logits] if plan.needs.logits else [],
                           {t: stored_form(out[t.layer].float(), t.form, info.layers[t.layer]).float() for t in wanted})
 
     return targets

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.cache.reader import Cache
+from logitcache.cache.topk import format_grid, in_grid
 from logitcache.core.config import Params, StudentConfig
 from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
+from logitcache.core.schedule import Schedule
 from logitcache.core.views import ViewSpec
 from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
@@ -30,6 +32,7 @@ class CacheInfo:
     shapes: dict[TeacherInput, tuple[int, ...]]  # one sample's view of each teacher input the methods read
     layers: dict[str, dict]  # layer name -> its record (forms and their settings)
     topk: int | None
+    topk_temperatures: tuple[float, ...] | None  # the temperatures a top-k cache's targets are right at
     teacher_sha256: str
     logits_dtype: str
 
@@ -62,7 +65,7 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     train = load_split(params.data, "train")
     check_prepared(params.data)  # the test split too, read once after training
     train_rows, validation = holdout(params.data, len(train))
-    cache = open_caches(cfg, train, needs) if chosen else None
+    cache = open_caches(cfg, train, needs, logit_temperatures(chosen, name)) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
     check_test_cache(params, cfg)
     check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
@@ -78,6 +81,7 @@ def check_test_cache(params: Params, cfg: StudentConfig) -> None:
     if cfg.test_cache and Path(cfg.test_cache).exists():
         with Cache(cfg.test_cache) as cache:
             cache.check_identity(split_identity(params.data, "test"))
+            check_temperatures(cfg.test_cache, cache, {"the test metrics' temperature (KL to the teacher)": [1.0]})
 
 
 def union(all_needs: list[Needs]) -> Needs:
@@ -118,14 +122,53 @@ def _labeled_indices(path: Path, n: int, train_rows: np.ndarray) -> np.ndarray:
     return indices
 
 
-def open_caches(cfg: StudentConfig, train: Split, needs: Needs) -> CacheInfo:
-    """Check every cache against the training data and each other; return what training needs of them."""
+def logit_temperatures(chosen: dict[str, MethodConfig], name: str) -> dict[str, list[float | Schedule]]:
+    """`students.NAME.loss.METHOD.temperature` -> the temperatures that method reads the teacher's logits at: its
+    `temperature` (each value of a switch schedule; other schedules as they are), or 1 without one."""
+    out = {}
+    for method, mcfg in chosen.items():
+        if not methods()[method].needs(mcfg).logits:
+            continue
+        values = _values(getattr(mcfg, "temperature", 1.0))
+        out[f"students.{name}.loss.{method}.temperature"] = values
+    return out
+
+
+def _values(t: float | Schedule) -> list[float | Schedule]:
+    """The values a temperature setting takes: a constant, both ends of a switch; other schedules as they are."""
+    if not isinstance(t, Schedule):
+        return [float(t)]
+    return [t.start] if t.kind == "constant" else [t.start, t.end] if t.kind == "switch" else [t]
+
+
+def check_temperatures(path: str, cache: Cache, temperatures: dict[str, list[float | Schedule]]) -> None:
+    """A top-k cache's targets are right at its grid's temperatures only: refuse any other before training."""
+    grid = cache.topk_temperatures
+    if grid is None:
+        return
+    for key, values in temperatures.items():
+        for t in values:
+            if isinstance(t, Schedule):
+                raise LogitcacheError(f"{key} is a {t.kind} schedule, but {path} holds top-k targets at the "
+                                      f"temperatures {format_grid(grid)} only; give a constant or a switch "
+                                      "between listed temperatures, or use a full-logit cache (dump.topk: null)")
+            if not in_grid(grid, t):
+                raise LogitcacheError(f"{key} is {t:g}, but {path} holds top-k targets at the temperatures "
+                                      f"{format_grid(grid)} only; re-dump it with dump.topk_temperatures including "
+                                      f"{t:g}, or use a full-logit cache (dump.topk: null)")
+
+
+def open_caches(cfg: StudentConfig, train: Split, needs: Needs,
+                temperatures: dict[str, list[float | Schedule]] | None = None) -> CacheInfo:
+    """Check every cache against the training data, each other and the temperatures its logits are read at;
+    return what training needs of them."""
     if not cfg.caches:
         raise LogitcacheError(f"students with a loss: ({', '.join(cfg.loss)}) need at least one cache in caches:")
     first: CacheInfo | None = None
     for path in cfg.caches:
         with Cache(path) as cache:
             cache.check_matches(train)
+            check_temperatures(path, cache, temperatures or {})
             if first is None:
                 first = _cache_info(cfg, cache, needs)
             elif not np.array_equal(cache.view_params(), first.views):
@@ -144,5 +187,6 @@ def _cache_info(cfg: StudentConfig, cache: Cache, needs: Needs) -> CacheInfo:
                               "dump.layers, e.g. {name: layer2, forms: [map, attention, embedding]}")
     return CacheInfo(views=cache.view_params(), spec=cache.spec,
                      shapes={t: stored[(t.layer, t.form)] for t in [*needs.teacher, *needs.banks]},
-                     layers=cache.layers, topk=cache.topk, teacher_sha256=cache.teacher_sha256,
+                     layers=cache.layers, topk=cache.topk, topk_temperatures=cache.topk_temperatures,
+                     teacher_sha256=cache.teacher_sha256,
                      logits_dtype=cache.dtypes["logits"])
