@@ -113,16 +113,18 @@ def dump(data_cfg, teacher_ckpt, out, **settings):
 
 @pytest.fixture(scope="module")
 def caches(data_cfg, teacher_ckpt, shared_folder):
-    """A full-logit and a top-3 cache (grid 1, 4) of the same teacher and views, float32 logits."""
+    """A full-logit and a top-3 cache (grid 1, 4) of the same teacher and views, float32 logits, and a top-3 cache
+    with float16 values (the default dtype)."""
     def make(out):
         dump(data_cfg, teacher_ckpt, out / "full")
         dump(data_cfg, teacher_ckpt, out / "top", topk=3, topk_temperatures=[1, 4])
+        dump(data_cfg, teacher_ckpt, out / "top16", topk=3, topk_temperatures=[1, 4], logits_dtype="float16")
     root = shared_folder("topk_caches", make)
-    return root / "full" / "train.h5", root / "top" / "train.h5"
+    return root / "full" / "train.h5", root / "top" / "train.h5", root / "top16" / "train.h5"
 
 
 def test_a_dumped_topk_cache_is_right_at_each_of_its_temperatures(caches):
-    full_path, top_path = caches
+    full_path, top_path, _ = caches
     with Cache(full_path) as full, Cache(top_path) as top:
         assert top.topk == 3 and top.topk_temperatures == (1.0, 4.0) and full.topk_temperatures is None
         assert top.read("topk_rest").shape == (600, 2, 2)
@@ -141,7 +143,7 @@ def test_a_dumped_topk_cache_is_right_at_each_of_its_temperatures(caches):
 
 
 def test_inspect_shows_the_grid_and_verify_checks_the_rest(caches, data_cfg, teacher_ckpt):
-    _, top_path = caches
+    _, top_path, _ = caches
     info = describe(top_path)
     assert info["topk"] == 3 and info["topk_temperatures"] == [1.0, 4.0]
     report = verify(top_path, teacher_ckpt, data_cfg, samples=16)
@@ -191,9 +193,11 @@ def test_a_student_reads_the_topk_cache_at_its_temperature(caches, data_cfg, tmp
         assert torch.allclose(1 - p.gather(-1, idx).sum(-1), left, rtol=1e-5, atol=1e-12)
 
 
-def test_online_targets_of_a_topk_cache_equal_the_cached_ones(caches, data_cfg, teacher_ckpt, tmp_path, trained_on):
+@pytest.mark.parametrize("which", [1, 2], ids=["float32", "float16"])
+def test_online_targets_of_a_topk_cache_equal_the_cached_ones(caches, data_cfg, teacher_ckpt, tmp_path, trained_on,
+                                                              which):
     for online in (False, True):
-        train_student(student(data_cfg, tmp_path / f"s{online}", caches[1], loss={"kd": {"temperature": 4}},
+        train_student(student(data_cfg, tmp_path / f"s{online}", caches[which], loss={"kd": {"temperature": 4}},
                               online=online, teacher=str(teacher_ckpt)), "s")
     steps = len(trained_on) // 2
     assert steps == 5  # 540 training rows in batches of 128

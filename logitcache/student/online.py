@@ -6,13 +6,13 @@ from typing import Callable
 
 import torch
 
-from logitcache.cache.topk import topk_summary
+from logitcache.cache.topk import TopK, topk_summary
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
 from logitcache.core.training import place, to_input
 from logitcache.student.methods import TeacherOut
-from logitcache.student.plan import Plan
+from logitcache.student.plan import CacheInfo, Plan
 
 
 def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Callable[[torch.Tensor], TeacherOut]:
@@ -32,10 +32,16 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     @torch.no_grad()
     def targets(images: torch.Tensor) -> TeacherOut:
         out = extractor(to_input(images, device, teacher_input))
-        logits = out["logits"].float().to(dtype).float()
-        if info.topk:  # summarised as the dump summarises the rows it writes, after the same rounding
-            logits = topk_summary(logits, info.topk, info.topk_temperatures)
-        return TeacherOut([logits] if plan.needs.logits else [],
+        return TeacherOut([_as_cached(out["logits"].float(), info, dtype)] if plan.needs.logits else [],
                           {t: stored_form(out[t.layer].float(), t.form, info.layers[t.layer]).float() for t in wanted})
 
     return targets
+
+
+def _as_cached(logits: torch.Tensor, info: CacheInfo, dtype: torch.dtype) -> torch.Tensor | TopK:
+    """Float32 logits as the cache holds them: rounded to its dtype, or summarised as the dump summarises them
+    (from the float32 logits, the values then rounded)."""
+    if not info.topk:
+        return logits.to(dtype).float()
+    top = topk_summary(logits, info.topk, info.topk_temperatures)
+    return TopK(top.values.to(dtype).float(), top.indices, top.rest, top.temperatures, top.num_classes)

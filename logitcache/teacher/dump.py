@@ -331,8 +331,8 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, layers:
         worst = index[(logits.abs().amax(dim=(1, 2)) > FLOAT16_MAX).cpu()].tolist()[:20]
         raise LogitcacheError(f"logits of sample(s) {worst} overflow float16; set dump.logits_dtype=float32")
     rows = {}
-    if cfg.topk:  # summarised as stored (rounded to logits_dtype), as --online summarises the live teacher's
-        top = topk_summary(logits.to(getattr(torch, cfg.logits_dtype)).float(), cfg.topk, cfg.topk_temperatures)
+    if cfg.topk:  # from the float32 logits, values then rounded to logits_dtype, as --online summarises
+        top = topk_summary(logits, cfg.topk, cfg.topk_temperatures)
         rows["topk_values"] = top.values.cpu().numpy().astype(cfg.logits_dtype)
         rows["topk_indices"] = top.indices.cpu().numpy().astype(np.int32)
         rows["topk_rest"] = top.rest.cpu().numpy()
