@@ -172,12 +172,27 @@ def student(data_cfg, out, cache, **settings):
     ({"dkd": {"temperature": 8}}, "students.s.loss.dkd.temperature is 8"),
     ({"kd": {"temperature": {"start": 4, "end": 1, "kind": "linear"}}}, "linear schedule"),
     ({"kd": {"temperature": {"start": 4, "end": 2, "kind": "switch"}}}, "is 2"),
+    ({"kd": {"temperature": {"start": 4, "kind": "step", "factor": 0.5, "every": 0.5}}}, "is 2"),  # 2nd half-epoch
 ])
 def test_a_student_temperature_outside_the_grid_is_refused_before_training(caches, data_cfg, tmp_path, loss, words):
     with pytest.raises(LogitcacheError) as e:
         train_student(student(data_cfg, tmp_path / "s", caches[1], loss=loss), "s")
     one_line(e.value, words, "[1, 4]")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_step_schedule_through_grid_temperatures_trains_reading_each(caches, data_cfg, tmp_path, trained_on):
+    schedule = {"start": 4, "kind": "step", "factor": 0.25, "every": 0.5}  # T = 4, then 1 from half an epoch on
+    train_student(student(data_cfg, tmp_path / "s", caches[1], loss={"kd": {"temperature": schedule}}), "s")
+    assert len(trained_on) == 5
+    with Cache(caches[0]) as full:
+        logits = full.logits().double()
+    for step, t in zip(trained_on, (4.0, 4.0, 4.0, 1.0, 1.0)):  # step s is at epoch s / 5
+        rows, views = step["pairs"].T
+        [target] = step["targets"].logits_at(t)
+        idx, _, left = reference(logits[rows, views], 3, t)
+        p = torch.softmax(target.double() / t, -1)
+        assert torch.allclose(1 - p.gather(-1, idx).sum(-1), left, rtol=1e-5, atol=1e-12)
 
 
 def test_a_student_reads_the_topk_cache_at_its_temperature(caches, data_cfg, tmp_path, trained_on):

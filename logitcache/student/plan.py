@@ -7,6 +7,7 @@ read, and (when the student distils) what the caches hold. Checks of a run's inp
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from logitcache.cache.topk import format_grid, in_grid
 from logitcache.core.config import Params, StudentConfig
 from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.schedule import Schedule
+from logitcache.core.schedule import Progress, Schedule, value_at
 from logitcache.core.views import ViewSpec
 from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
@@ -65,15 +66,24 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     train = load_split(params.data, "train")
     check_prepared(params.data)  # the test split too, read once after training
     train_rows, validation = holdout(params.data, len(train))
-    cache = open_caches(cfg, train, needs, logit_temperatures(chosen, name)) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
-    check_test_cache(params, cfg)
-    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     if not chosen:
         rows = np.flatnonzero(labeled)
     else:
         rows = np.concatenate([train_rows, *[np.flatnonzero(labeled)] * (cfg.labeled_repeat - 1)])
+    temperatures = logit_temperatures(chosen, name, last_epoch(cfg, len(rows)))
+    cache = open_caches(cfg, train, needs, temperatures) if chosen else None
+    check_test_cache(params, cfg)
+    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     return Plan(train, validation, labeled, rows, chosen, needs, cache)
+
+
+def last_epoch(cfg: StudentConfig, rows: int) -> float:
+    """At least the epoch (`Progress.epoch`) of the run's last step: a pass has ceil(rows / batch) batches in one
+    process, one fewer under torchrun at worst."""
+    if cfg.steps is None:
+        return cfg.epochs - 1 / -(-rows // cfg.batch_size)
+    return (cfg.steps - 1) / max(1, rows // cfg.batch_size)
 
 
 def check_test_cache(params: Params, cfg: StudentConfig) -> None:
@@ -122,22 +132,27 @@ def _labeled_indices(path: Path, n: int, train_rows: np.ndarray) -> np.ndarray:
     return indices
 
 
-def logit_temperatures(chosen: dict[str, MethodConfig], name: str) -> dict[str, list[float | Schedule]]:
-    """`students.NAME.loss.METHOD.temperature` -> the temperatures that method reads the teacher's logits at: its
-    `temperature` (each value of a switch schedule; other schedules as they are), or 1 without one."""
+def logit_temperatures(chosen: dict[str, MethodConfig], name: str,
+                       last: float) -> dict[str, list[float | Schedule]]:
+    """`students.NAME.loss.METHOD.temperature` -> the temperatures that method reads the teacher's logits at up to
+    epoch `last`: its `temperature` (every value of a switch or step schedule; linear and cosine ones as they
+    are), or 1 without one."""
     out = {}
     for method, mcfg in chosen.items():
         if not methods()[method].needs(mcfg).logits:
             continue
-        values = _values(getattr(mcfg, "temperature", 1.0))
+        values = _values(getattr(mcfg, "temperature", 1.0), last)
         out[f"students.{name}.loss.{method}.temperature"] = values
     return out
 
 
-def _values(t: float | Schedule) -> list[float | Schedule]:
-    """The values a temperature setting takes: a constant, both ends of a switch; other schedules as they are."""
+def _values(t: float | Schedule, last: float) -> list[float | Schedule]:
+    """The values a temperature setting takes up to epoch `last`: a constant, both ends of a switch, every step of
+    a step schedule (as `value_at` computes them); linear and cosine schedules as they are."""
     if not isinstance(t, Schedule):
         return [float(t)]
+    if t.kind == "step":
+        return [value_at(t, Progress(0.0, j * t.every)) for j in range(math.floor(last / t.every + 1e-9) + 1)]
     return [t.start] if t.kind == "constant" else [t.start, t.end] if t.kind == "switch" else [t]
 
 
@@ -150,8 +165,9 @@ def check_temperatures(path: str, cache: Cache, temperatures: dict[str, list[flo
         for t in values:
             if isinstance(t, Schedule):
                 raise LogitcacheError(f"{key} is a {t.kind} schedule, but {path} holds top-k targets at the "
-                                      f"temperatures {format_grid(grid)} only; give a constant or a switch "
-                                      "between listed temperatures, or use a full-logit cache (dump.topk: null)")
+                                      f"temperatures {format_grid(grid)} only; give a constant, or a switch or "
+                                      "step schedule through listed temperatures, or use a full-logit cache "
+                                      "(dump.topk: null)")
             if not in_grid(grid, t):
                 raise LogitcacheError(f"{key} is {t:g}, but {path} holds top-k targets at the temperatures "
                                       f"{format_grid(grid)} only; re-dump it with dump.topk_temperatures including "
