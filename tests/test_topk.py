@@ -222,3 +222,21 @@ def test_online_targets_of_a_topk_cache_equal_the_cached_ones(caches, data_cfg, 
         assert isinstance(a, TopK) and isinstance(b, TopK)
         assert torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices) and torch.equal(a.rest, b.rest)
         assert torch.equal(cached["loss"], live["loss"])
+
+
+def test_a_topk_test_cache_needs_t1_for_the_kl_it_scores(caches, data_cfg, teacher_ckpt, tmp_path):
+    test = dump(data_cfg, teacher_ckpt, tmp_path / "test", topk=3, topk_temperatures=[2, 4], splits=["test"])
+    with pytest.raises(LogitcacheError) as e:
+        train_student(student(data_cfg, tmp_path / "s", caches[1], test_cache=str(test)), "s")
+    one_line(e.value, "the test metrics' temperature (KL to the teacher) is 1", "[2, 4]", "dump.topk_temperatures")
+    assert not (tmp_path / "s").exists()
+
+
+def test_inspect_prints_the_grid(caches):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(caches[1])])
+    assert result.exit_code == 0, result.output
+    assert "top-k      3 largest logits per view, right at temperatures 1, 4" in result.output
