@@ -9,7 +9,7 @@ total variation and of KL(full || top-k) in float64, with the missing classes fi
 - after: with the logit that gives them their leftover mass at T (`logitcache.cache.topk.logits_from_topk`).
 Writes benchmarks/results/topk.json; `python benchmarks/docblock.py` renders its tables into docs/benchmarks.md.
 
-    python benchmarks/topk.py            # seconds
+    python benchmarks/topk.py            # under a minute
 """
 
 from __future__ import annotations

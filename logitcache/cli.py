@@ -233,7 +233,8 @@ def dump_teacher_cmd(params, overwrite) -> None:
 @click.option("--verify", is_flag=True, help="Recompute random rows with the teacher and compare.")
 @click.option("--teacher", "teacher_path", default=None, help="Teacher checkpoint for --verify [default: dump.teacher].")
 @click.option("--samples", default=64, show_default=True, help="Rows to recompute with --verify.")
-@click.option("--atol", default=0.05, show_default=True, help="Largest allowed |logit difference| with --verify.")
+@click.option("--atol", default=0.05, show_default=True,
+              help="Largest allowed |logit difference| (and |topk_rest difference|) with --verify.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @params_options({})
 def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> None:
