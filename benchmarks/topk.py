@@ -4,7 +4,8 @@ the fill of each stored temperature (`dump.topk_temperatures`).
 The logits are those of a randomly initialised linear head as wide as ResNet-18's (512 inputs, PyTorch's default
 initialisation, fixed seed) on random post-ReLU features, scaled so that the mean top-1 probability at T = 1 is
 `--top1` (a teacher's typical confidence). For each (classes, k) it prints and stores the mean over rows of the
-total variation and of KL(full || top-k) in float64, with the missing classes filled
+total variation, of KL(full || top-k) and of the error of the mass outside the top k, in float64, with the
+missing classes filled
 - before: all with the one logit that gives them their leftover mass at T = 1 (the earlier cache layout);
 - after: with the logit that gives them their leftover mass at T (`logitcache.cache.topk.logits_from_topk`).
 Writes benchmarks/results/topk.json; `python benchmarks/docblock.py` renders its tables into docs/benchmarks.md.
@@ -55,12 +56,15 @@ def fills(logits: torch.Tensor, k: int, t: float) -> dict[str, torch.Tensor]:
             "after": top.logits(t)}
 
 
-def distances(full: torch.Tensor, rebuilt: torch.Tensor, t: float) -> tuple[float, float]:
-    """Mean total variation and mean KL(full || rebuilt) of the softmaxes at t."""
+def distances(full: torch.Tensor, rebuilt: torch.Tensor, k: int, t: float) -> dict[str, float]:
+    """Means over the rows of the softmaxes at t: total variation, KL(full || rebuilt), and the absolute error of
+    the mass outside the top k."""
     log_p, log_q = (full / t).log_softmax(-1), (rebuilt / t).log_softmax(-1)
-    tv = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1).mean().item()
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    return tv, kl
+    top = full.topk(k, dim=-1).indices
+    left = [1 - x.exp().gather(-1, top).sum(-1) for x in (log_p, log_q)]
+    return {"tv": 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1).mean().item(),
+            "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+            "rest": (left[0] - left[1]).abs().mean().item()}
 
 
 def measure(classes: int, k: int, rows: int, top1: float, seed: int) -> dict:
@@ -68,10 +72,8 @@ def measure(classes: int, k: int, rows: int, top1: float, seed: int) -> dict:
     out = {"classes": classes, "k": k, "scale": scale, "top1_prob": logits.softmax(-1).amax(-1).mean().item(),
            "temperatures": {}}
     for t in TEMPERATURES:
-        figures = {}
-        for name, rebuilt in fills(logits, k, t).items():
-            figures[f"tv_{name}"], figures[f"kl_{name}"] = distances(logits, rebuilt, t)
-        out["temperatures"][f"{t:g}"] = figures
+        out["temperatures"][f"{t:g}"] = {f"{metric}_{name}": value for name, rebuilt in fills(logits, k, t).items()
+                                         for metric, value in distances(logits, rebuilt, k, t).items()}
     return out
 
 
@@ -94,11 +96,13 @@ def main() -> None:
 
 
 def render(record: dict) -> str:
-    """Two tables, total variation and KL(full || top-k), per (classes, k) and temperature: before -> after."""
+    """Three tables, total variation, KL(full || top-k) and the leftover mass's error, per (classes, k) and
+    temperature: before -> after."""
     lines = [f"Made by `{record['command']}`. Logits: {record['logits']}. Each cell is the mean over the rows, "
              "in float64, with the missing classes given one logit right at T = 1 (before) → the logit right at "
              "the cell's T (after, `dump.topk_temperatures`):"]
-    for metric, title in (("tv", "total variation"), ("kl", "KL(full ‖ top-k)")):
+    for metric, title in (("tv", "total variation"), ("kl", "KL(full ‖ top-k)"),
+                          ("rest", "\\|error\\| of the mass outside the top k")):
         lines += ["", f"| {title} | k | top-1 prob. (T = 1) | "
                   + " | ".join(f"T = {t}" for t in record["results"][0]["temperatures"]) + " |",
                   "|---|---|---|" + "---|" * len(record["results"][0]["temperatures"])]
