@@ -45,6 +45,7 @@ def blocks() -> list[Block]:
     import methods_table
     import pipeline_tables
     import quickstart
+    import topk
 
     return [
         Block("headline", ("README.md",), pipeline_tables.headline),
@@ -55,6 +56,7 @@ def blocks() -> list[Block]:
         Block("budget-curve", ("docs/results.md",), budget_curve.render_committed),
         Block("methods-results", ("docs/methods.md",), methods_table.render_committed),
         Block("kernels", ("docs/reproducibility.md",), kernels.render_committed),
+        Block("topk", ("docs/benchmarks.md",), topk.render_committed),
     ]
 
 

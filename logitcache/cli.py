@@ -233,7 +233,8 @@ def dump_teacher_cmd(params, overwrite) -> None:
 @click.option("--verify", is_flag=True, help="Recompute random rows with the teacher and compare.")
 @click.option("--teacher", "teacher_path", default=None, help="Teacher checkpoint for --verify [default: dump.teacher].")
 @click.option("--samples", default=64, show_default=True, help="Rows to recompute with --verify.")
-@click.option("--atol", default=0.05, show_default=True, help="Largest allowed |logit difference| with --verify.")
+@click.option("--atol", default=0.05, show_default=True,
+              help="Largest allowed |logit difference| (and |topk_rest difference|) with --verify.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @params_options({})
 def inspect_cmd(params, cache, verify, teacher_path, samples, atol, as_json) -> None:
@@ -263,6 +264,7 @@ def _format_summary(info: dict) -> str:
              f"data       {data.get('name')}/{data.get('split')}, N={info['samples']}, "
              f"fingerprint {str(data.get('fingerprint'))[:16]}",
              f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
+             *([_topk_line(info)] if info.get("topk") else []),
              *([_source_line(teacher)] if teacher.get("source") else []),
              *([_preprocess_line(info["preprocess"])] if info.get("preprocess") else []),
              f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
@@ -281,9 +283,17 @@ def _format_summary(info: dict) -> str:
         lines.append(f"teacher accuracy from cached logits: {info['teacher_accuracy']}")
     if "verify" in info:
         v = info["verify"]
-        lines.append(f"verify     {v['rows']} rows: max |Δlogit| {v['max_abs_logit_diff']:.2e}, KL(T=1) {v['kl_t1']:.2e}, "
+        kl = next(f"KL(T={key[4:]}) {value:.2e}" for key, value in v.items() if key.startswith("kl_t"))
+        rest = f", max |Δ topk_rest| {v['max_abs_rest_diff']:.2e}" if "max_abs_rest_diff" in v else ""
+        lines.append(f"verify     {v['rows']} rows: max |Δlogit| {v['max_abs_logit_diff']:.2e}{rest}, {kl}, "
                      f"cosine {v['cosine']} -> OK")
     return "\n".join(lines)
+
+
+def _topk_line(info: dict) -> str:
+    grid = info.get("topk_temperatures") or []
+    return (f"top-k      {info['topk']} largest logits per view, right at temperatures "
+            f"{', '.join(f'{t:g}' for t in grid) or 'none recorded'}")
 
 
 def _source_line(teacher: dict) -> str:

@@ -309,14 +309,13 @@ def kd_loss_float64(step, teachers, t=4.0, weight=0.9, ce_weight=1.0, combine="p
     return weight * kd_float64(step["logits"], teachers, t, combine) + ce_weight * ce
 
 
-def topk_reconstruction_float64(path, pairs, num_classes=10) -> torch.Tensor:
-    """Full logits from a top-k cache: stored classes exact, the others share the leftover mass at T=1 evenly."""
+def topk_reconstruction_float64(path, pairs, t: float, num_classes=10) -> torch.Tensor:
+    """Full logits from a top-k cache (grid 1, 2, 4, 8) for temperature T: stored classes exact, the others share
+    the leftover mass at T evenly, each with logit T * (log-sum-exp of the missing logits / T - log(C - k))."""
     values = cached(path, "topk_values", pairs).double()
     indices = cached(path, "topk_indices", pairs).long()
-    lse = cached(path, "topk_lse", pairs).double()
-    # where the float16 top-k mass rounds to 1 or more, the reader keeps its least leftover mass, 1 - float32(1 - 1e-7)
-    left = (1 - torch.exp(values - lse[:, None]).sum(1)).clamp(min=1 - float(np.float32(1 - 1e-7)))
-    fill = lse + torch.log(left / (num_classes - values.shape[1]))
+    rest = cached(path, "topk_rest", pairs).double()[:, [1.0, 2.0, 4.0, 8.0].index(t)]
+    fill = t * (rest - np.log(num_classes - values.shape[1]))
     return fill[:, None].repeat(1, num_classes).scatter(1, indices, values)
 
 
@@ -329,14 +328,15 @@ def test_student_of_a_topk_cache_trains_on_the_topk_reconstruction(data_cfg, tea
     metrics = train_student(student_params(data_cfg, cache_dir, tmp_path, epochs=1, caches=[str(topk)]), "s")
     assert metrics["mode"] == "kd" and (tmp_path / "student" / "student.pt").is_file()
     for step in trained_on[:3]:
-        expected = topk_reconstruction_float64(topk, step["pairs"])
-        target = step["targets"].logits[0].double()
-        for t in (1.0, 4.0):  # the stored mass at T=1, and the distribution the KD term imitates at T=4
-            diff = ((target / t).softmax(1) - (expected / t).softmax(1)).abs().max().item()
+        for t in (1.0, 4.0):  # the targets at T=1 (methods without a temperature), and those KD reads at T=4
+            expected = topk_reconstruction_float64(topk, step["pairs"], t)
+            [target] = step["targets"].logits_at(t)
+            diff = ((target.double() / t).softmax(1) - (expected / t).softmax(1)).abs().max().item()
             assert diff <= 5e-6, diff  # float32 targets: a few ulps of the probabilities
+        expected = topk_reconstruction_float64(topk, step["pairs"], 4.0)
         assert torch.allclose(step["loss"].double(), kd_loss_float64(step, [expected]), rtol=1e-5, atol=1e-7)
     full = cached(cache_dir / "train.h5", "logits", trained_on[0]["pairs"]).double()
-    assert not torch.allclose(full, topk_reconstruction_float64(topk, trained_on[0]["pairs"]), atol=1e-2)
+    assert not torch.allclose(full, topk_reconstruction_float64(topk, trained_on[0]["pairs"], 4.0), atol=1e-2)
 
 
 @pytest.fixture(scope="module")

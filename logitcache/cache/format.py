@@ -27,6 +27,9 @@ REQUIRED_DATASETS = ("index", "labels")
 def view_dataset(meta: dict) -> str:
     """The dataset that holds a cache's views: box rows for random_resized_crop views, crop/flip codes otherwise."""
     return "views/box" if meta["transform"]["augment"].get("kind") == "random_resized_crop" else "views/code"
+
+
+TOPK_DATASETS = ("topk_values", "topk_indices", "topk_rest")
 ATTR_KEYS = {"teacher": ("model", "checkpoint_sha256", "num_classes", "in_channels"),
              "dataset": ("name", "split", "count", "fingerprint"),
              "transform": ("normalize.mean", "normalize.std", "augment"),
@@ -73,7 +76,9 @@ def read_metadata(f: h5py.File, path: str | Path) -> dict:
     _check_structure(meta, path)
     if meta["complete"] is not True:
         raise LogitcacheError(f"{path}: cache is incomplete (the dump did not finish); rerun dump-teacher to resume it")
-    expected = [*REQUIRED_DATASETS, view_dataset(meta), *(("topk_values", "topk_indices", "topk_lse") if meta["topk"] else ("logits",)),
+    if meta["topk"]:
+        meta["topk_temperatures"] = _topk_temperatures(f, path)
+    expected = [*REQUIRED_DATASETS, view_dataset(meta), *(TOPK_DATASETS if meta["topk"] else ("logits",)),
                 *(form_dataset(layer, form) for layer, form in stored_forms(meta))]
     missing = [name for name in expected if name not in f]
     if missing:
@@ -91,6 +96,24 @@ def _check_structure(meta: dict, path: str | Path) -> None:
     if not isinstance(layers, list) or not all(_is_layer_record(x) for x in layers):
         raise LogitcacheError(f"{path}: attribute 'layers' is not a list of layer records "
                               "({name, activation, forms}); the file is damaged, re-dump it")
+
+
+def _topk_temperatures(f: h5py.File, path: str | Path) -> list[float]:
+    """A top-k cache's temperature grid (attribute `topk_temperatures`, with dataset `topk_rest`). Top-k caches
+    that stored the leftover mass at T = 1 only (`topk_lse`) are refused: their targets are wrong at T > 1."""
+    if "topk_temperatures" not in f.attrs and "topk_lse" in f:
+        raise LogitcacheError(f"{path}: top-k cache of the older layout, right at T = 1 only (topk_lse, no "
+                              "topk_temperatures); re-dump it, with dump.topk_temperatures listing the temperatures "
+                              "students read it at")
+    grid = get_attr(f, "topk_temperatures", path)
+    if not (isinstance(grid, list) and grid and all(isinstance(t, (int, float)) and t > 0 for t in grid)
+            and grid == sorted(set(grid))):
+        raise LogitcacheError(f"{path}: attribute 'topk_temperatures' is not a sorted list of distinct positive "
+                              "numbers; the file is damaged, re-dump it")
+    if "topk_rest" in f and f["topk_rest"].shape[-1] != len(grid):
+        raise LogitcacheError(f"{path}: topk_rest holds {f['topk_rest'].shape[-1]} temperature(s), "
+                              f"topk_temperatures lists {len(grid)}; the file is damaged, re-dump it")
+    return [float(t) for t in grid]
 
 
 def _is_layer_record(layer) -> bool:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from logitcache.cache.format import form_dataset, open_h5, read_metadata
 from logitcache.cache.reader import Cache
+from logitcache.cache.topk import TopK, topk_summary
 from logitcache.core.config import DataConfig
 from logitcache.core.data import load_split
 from logitcache.core.errors import LogitcacheError
@@ -35,7 +36,8 @@ def describe(path: str | Path) -> dict:
             "dataset": attrs.get("dataset"), "preprocess": (attrs.get("transform") or {}).get("preprocess"),
             "samples": n, "views": attrs.get("views"), "layers": attrs.get("layers"),
             "forms": _forms(attrs.get("layers"), arrays),
-            "topk": attrs.get("topk"), "teacher_accuracy": attrs.get("teacher_accuracy"),
+            "topk": attrs.get("topk"), "topk_temperatures": attrs.get("topk_temperatures"),
+            "teacher_accuracy": attrs.get("teacher_accuracy"),
             "rows_done": attrs.get("rows_done"),
             "arrays": {k: {"shape": list(s), "dtype": d, "bytes_per_sample": _row_bytes(s, d)}
                        for k, (s, d) in arrays.items()},
@@ -102,16 +104,10 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
         extractor = FeatureExtractor(teacher.model, list(cache.layers)).eval()
         with torch.inference_mode():
             out = extractor(prepare(images))
-        cached = cache.logits(rows)[np.arange(len(rows)), views]
         live = out["logits"].float()
-        if cache.topk:
-            live_top = live.topk(cache.topk, dim=-1)
-            max_diff = (live_top.values - cached.gather(1, live_top.indices)).abs().max().item()
-        else:
-            max_diff = (live - cached).abs().max().item()
-        kl = max(0.0, F.kl_div(F.log_softmax(cached.double(), -1), F.log_softmax(live.double(), -1), log_target=True,
-                               reduction="batchmean").item())  # >= 0; rounding alone could make it negative
-        report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1": kl, "cosine": {}}
+        max_diff, (t, kl), rest_diff = _compare_logits(cache, rows, views, live)
+        report = {"rows": len(rows), "max_abs_logit_diff": max_diff, "kl_t1" if t == 1 else f"kl_t{t:g}": kl,
+                  "cosine": {}, **({"max_abs_rest_diff": rest_diff} if cache.topk else {})}
         for name, layer in cache.layers.items():
             for form in layer["forms"]:
                 stored = torch.from_numpy(cache.read(form_dataset(name, form), rows)[np.arange(len(rows)), views])
@@ -119,9 +115,33 @@ def verify(path: str | Path, teacher_path: str | Path, data: DataConfig, *, samp
                 report["cosine"][f"{name}:{form}"] = F.cosine_similarity(
                     stored.float().flatten(1), fresh.float().flatten(1), dim=1).min().item()
     bad = [f"max |Δlogit| {max_diff:.4g} > {atol}"] if not max_diff <= atol else []
+    bad += [f"max |Δ topk_rest| {rest_diff:.4g} > {atol}"] if cache.topk and not rest_diff <= atol else []
     bad += [f"{n} cosine {c:.5f} < {min_cosine}" for n, c in report["cosine"].items() if c < min_cosine]
     report["ok"] = not bad
     if bad:
         raise LogitcacheError(f"{path} does not match its teacher: {'; '.join(bad)}; re-dump it "
                               "(or raise --atol when checking on another device)")
     return report
+
+
+def _compare_logits(cache: Cache, rows: np.ndarray, views: np.ndarray,
+                    live: torch.Tensor) -> tuple[float, tuple[float, float], float | None]:
+    """(max |Δlogit|, (T, KL at T), max |Δ topk_rest|) of the cached rows against the live teacher's logits, with
+    T = 1 unless a top-k cache's grid lacks it (then its first temperature); a top-k cache is compared with the
+    live logits' `topk_summary` at every temperature of its grid."""
+    pick = np.arange(len(rows)), views
+    if not cache.topk:
+        cached, rest_diff, t = cache.logits(rows)[pick], None, 1.0
+        max_diff = (live - cached).abs().max().item()
+    else:
+        grid = cache.topk_temperatures
+        stored, t = cache.topk_rows(rows), 1.0 if 1.0 in grid else grid[0]
+        stored = TopK(stored.values[pick], stored.indices[pick], stored.rest[pick], stored.temperatures,
+                      stored.num_classes)
+        fresh = topk_summary(live, cache.topk, stored.temperatures)
+        max_diff = (fresh.values - stored.logits(t).gather(1, fresh.indices)).abs().max().item()
+        rest_diff = (fresh.rest - stored.rest).abs().max().item()
+        cached = stored.logits(t)
+    kl = max(0.0, F.kl_div(F.log_softmax(cached.double() / t, -1), F.log_softmax(live.double() / t, -1),
+                           log_target=True, reduction="batchmean").item())  # >= 0; rounding alone could make it negative
+    return max_diff, (t, kl), rest_diff

@@ -11,25 +11,11 @@ import numpy as np
 import torch
 
 from logitcache.cache.format import dataset_names, open_cache, read_blocks, read_rows, stored_forms
+from logitcache.cache.topk import TopK
 from logitcache.core.data import Split
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.preprocess import Preprocess
 from logitcache.core.views import ViewSpec, boxes_from_stored, params_from_codes
-
-
-def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Full logits from a top-k row: known classes exact, the rest share the leftover mass at T=1 uniformly.
-
-    With p_k the top-k probabilities at T=1 and r = 1 - sum(p_k), every missing class
-    gets logit lse + log(r / (C - k)), so softmax at T=1 reproduces the stored top-k
-    probabilities and the total leftover mass exactly (see docs/cache-format.md).
-    """
-    values = values.float()
-    k = values.shape[-1]
-    kept = torch.exp(values - lse[..., None]).sum(-1).clamp(max=1 - 1e-7)
-    fill = lse + torch.log1p(-kept) - np.log(num_classes - k)
-    full = fill[..., None].expand(*values.shape[:-1], num_classes).clone()
-    return full.scatter_(-1, indices.long(), values)
 
 
 class Cache:
@@ -94,6 +80,11 @@ class Cache:
     def topk(self) -> int | None:
         """k when only the k largest logits per view are stored; None for full logits."""
         return self.meta["topk"]
+
+    @property
+    def topk_temperatures(self) -> tuple[float, ...] | None:
+        """The temperatures a top-k cache's targets are right at (`dump.topk_temperatures`); None for full logits."""
+        return tuple(self.meta["topk_temperatures"]) if self.topk else None
 
     @property
     def teacher_sha256(self) -> str:
@@ -162,13 +153,18 @@ class Cache:
             raise LogitcacheError(f"{self.path}: the stored view codes do not fit its transform attribute (crop_padding "
                                   f"{spec.padding}); the file is damaged, re-dump it")
 
-    def logits(self, selection=slice(None)) -> torch.Tensor:
-        """Float32 logits (rows, V, C); top-k caches are expanded by `logits_from_topk`."""
+    def logits(self, selection=slice(None), temperature: float = 1.0) -> torch.Tensor:
+        """Float32 logits (rows, V, C) whose softmax at `temperature` is the teacher's; full logits ignore it, top-k
+        caches are rebuilt for it (`TopK.logits`: one of `topk_temperatures`, else a one-line error)."""
         if not self.topk:
             return torch.from_numpy(self.read("logits", selection).astype(np.float32))
-        return logits_from_topk(torch.from_numpy(self.read("topk_values", selection)),
-                                torch.from_numpy(self.read("topk_indices", selection)),
-                                torch.from_numpy(self.read("topk_lse", selection)), self.num_classes)
+        return self.topk_rows(selection).logits(temperature)
+
+    def topk_rows(self, selection=slice(None)) -> TopK:
+        """A top-k cache's rows as stored: values (float32), indices, the leftover log-sum-exp per temperature."""
+        return TopK(torch.from_numpy(self.read("topk_values", selection).astype(np.float32)),
+                    torch.from_numpy(self.read("topk_indices", selection).astype(np.int64)),
+                    torch.from_numpy(self.read("topk_rest", selection)), self.topk_temperatures, self.num_classes)
 
     def check_identity(self, identity: dict) -> None:
         """Refuse a cache made from another data set or split (`Split.identity` or `split_identity`)."""

@@ -255,6 +255,8 @@ class DumpConfig(Section):
     logits_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the logits "
                                                         "(float16 is checked for overflow)")
     topk: int | None = Field(None, ge=1, description="store only the k largest logits per view")
+    topk_temperatures: list[float] = Field([1.0, 2.0, 4.0, 8.0], description="with topk: the temperatures whose "
+                                           "leftover mass is stored; students may read the cache at these only")
     compression: Literal["none", "lzf", "gzip"] = Field("none", description="HDF5 compression of the arrays "
                                                         "(docs/benchmarks.md)")
     batch_size: int = Field(512, ge=1, description="images per teacher forward pass")
@@ -289,6 +291,19 @@ class DumpConfig(Section):
         """Every entry of `layers` as a LayerSpec, its map pooling resolved (`pool` defaults to feature_pool)."""
         return [spec.model_copy(update={"pool": self.feature_pool if spec.pool is None else spec.pool})
                 for spec in self.layers]
+
+    @field_validator("topk_temperatures")
+    @classmethod
+    def _temperature_grid(cls, grid: list[float]) -> list[float]:
+        if any(t <= 0 for t in grid) or grid != sorted(set(grid)):
+            raise ValueError("topk_temperatures must be distinct positive numbers in increasing order")
+        return grid
+
+    @model_validator(mode="after")
+    def _grid_with_topk(self):
+        if self.topk is not None and not self.topk_temperatures:
+            raise ValueError("topk_temperatures must list at least one temperature when topk is set")
+        return self
 
     @field_validator("views")
     @classmethod

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from logitcache.cache.reader import Cache
+from logitcache.cache.topk import TopK
 from logitcache.core.data import Split
 from logitcache.core.distributed import Dist
 from logitcache.core.views import BoxRenderer, RandomViews, ViewRenderer, render_batch, render_rows
@@ -34,7 +35,7 @@ class TrainBatch:
     labels: torch.Tensor  # (B,) int64
     labeled: torch.Tensor  # (B,) bool: CE may use the label
     rows: torch.Tensor  # (B,) int64 sample indices
-    logits: list[torch.Tensor] = field(default_factory=list)  # (B, classes) per cache; empty without a cache
+    logits: list[torch.Tensor | TopK] = field(default_factory=list)  # (B, classes) or top-k rows per cache
     features: dict = field(default_factory=dict)  # TeacherInput -> (B, ...) from the first cache
 
     def pin_memory(self) -> "TrainBatch":  # what DataLoader calls with pin_memory on CUDA
@@ -111,22 +112,28 @@ class StepStream(Sampler):
 
 
 class CachedColumn:
-    """One cached array (a cache's logits, or one feature layer), indexed by (rows, views)."""
+    """One cached array (a cache's logits, or one feature layer), indexed by (rows, views). A top-k cache's
+    logits are kept as stored (`TopK`) and rebuilt at each method's temperature in its loss."""
 
     def __init__(self, path: str | Path, name: str, budget_bytes: float):
         self.path, self.name = Path(path), name
-        self.array: np.ndarray | None = None
+        self.array: np.ndarray | TopK | None = None
         self._cache: Cache | None = None
         with Cache(path) as cache:
+            self.topk = self.name == "logits" and bool(cache.topk)
             if self._nbytes(cache) <= budget_bytes:
                 self.array = self._read(cache, slice(None))
 
     def _nbytes(self, cache: Cache) -> int:
+        if self.topk:
+            return sum(cache.file[name].size * 8 for name in ("topk_values", "topk_indices", "topk_rest"))
         if self.name == "logits":
             return cache.num_samples * cache.num_views * cache.num_classes * 4
         return cache.file[self.name].nbytes
 
-    def _read(self, cache: Cache, selection) -> np.ndarray:
+    def _read(self, cache: Cache, selection) -> np.ndarray | TopK:
+        if self.topk:
+            return cache.topk_rows(selection)
         return cache.logits(selection).numpy() if self.name == "logits" else cache.read(self.name, selection)
 
     def __getstate__(self):
@@ -137,14 +144,22 @@ class CachedColumn:
             self._cache.close()
             self._cache = None
 
-    def take(self, rows: np.ndarray, views: np.ndarray) -> torch.Tensor:
+    def take(self, rows: np.ndarray, views: np.ndarray) -> torch.Tensor | TopK:
         if self.array is not None:
-            return torch.from_numpy(self.array[rows, views]).float()
+            return _pick(self.array, rows, views)
         if self._cache is None:
             self._cache = Cache(self.path)
         unique, inverse = np.unique(rows, return_inverse=True)
-        block = self._read(self._cache, unique)  # one sorted read per batch
-        return torch.from_numpy(block[inverse, views]).float()
+        return _pick(self._read(self._cache, unique), inverse, views)  # one sorted read per batch
+
+
+def _pick(block: np.ndarray | TopK, rows: np.ndarray, views: np.ndarray) -> torch.Tensor | TopK:
+    """The (row, view) pairs of a block: float32 values, or top-k rows."""
+    if isinstance(block, TopK):
+        rows, views = torch.from_numpy(rows), torch.from_numpy(views)
+        return TopK(block.values[rows, views], block.indices[rows, views], block.rest[rows, views],
+                    block.temperatures, block.num_classes)
+    return torch.from_numpy(block[rows, views]).float()
 
 
 class StudentBatches(Dataset):

@@ -6,21 +6,22 @@ from typing import Callable
 
 import torch
 
+from logitcache.cache.topk import TopK, topk_summary
 from logitcache.core.config import StudentConfig
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.features import FeatureExtractor, load_teacher, stored_form
 from logitcache.core.preprocess import TeacherInput
 from logitcache.core.training import place, to_input
 from logitcache.student.methods import TeacherOut
-from logitcache.student.plan import Plan
+from logitcache.student.plan import CacheInfo, Plan
 
 
 def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Callable[[torch.Tensor], TeacherOut]:
     """The teacher's targets for a batch of uint8 views, rendered with the teacher's own preprocessing and rounded as
-    cached."""
+    cached (and, for a top-k cache, summarised as cached)."""
     info = plan.cache
-    if len(cfg.caches) > 1 or info.topk:
-        raise LogitcacheError("--online reproduces a single full-logit cache; use one cache without topk")
+    if len(cfg.caches) > 1:
+        raise LogitcacheError("--online reproduces a single cache; give one cache in caches:")
     teacher = load_teacher(cfg.teacher)
     if teacher.sha256 != info.teacher_sha256:
         raise LogitcacheError(f"--online teacher {cfg.teacher} is not the checkpoint the cache was made from")
@@ -32,7 +33,7 @@ def online_teacher(cfg: StudentConfig, plan: Plan, device: torch.device) -> Call
     @torch.no_grad()
     def targets(images: torch.Tensor) -> TeacherOut:
         out = extractor(to_input(images, device, teacher_input))
-        return TeacherOut([out["logits"].float().to(dtype).float()] if plan.needs.logits else [],
+        return TeacherOut([_as_cached(out["logits"].float(), info, dtype)] if plan.needs.logits else [],
                           {t: stored_form(out[t.layer].float(), t.form, info.layers[t.layer]).float() for t in wanted})
 
     return targets
@@ -49,3 +50,12 @@ def _teacher_input(teacher, plan: Plan):
                               f"differs from the teacher's input side {pre.crop}; remove image_size to check a run "
                               "against the live teacher")
     return TeacherInput(pre.at_size(), plan.train.channels)
+
+
+def _as_cached(logits: torch.Tensor, info: CacheInfo, dtype: torch.dtype) -> torch.Tensor | TopK:
+    """Float32 logits as the cache holds them: rounded to its dtype, or summarised as the dump summarises them
+    (from the float32 logits, the values then rounded)."""
+    if not info.topk:
+        return logits.to(dtype).float()
+    top = topk_summary(logits, info.topk, info.topk_temperatures)
+    return TopK(top.values.to(dtype).float(), top.indices, top.rest, top.temperatures, top.num_classes)

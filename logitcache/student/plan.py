@@ -7,16 +7,19 @@ read, and (when the student distils) what the caches hold. Checks of a run's inp
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from logitcache.cache.reader import Cache
+from logitcache.cache.topk import format_grid, in_grid
 from logitcache.core.config import Params, StudentConfig
 from logitcache.core.data import Split, check_prepared, holdout, load_split, split_identity
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.preprocess import BoxInput, Preprocess
+from logitcache.core.schedule import Progress, Schedule, value_at
 from logitcache.core.views import BoxRenderer, Normalizer, ViewRenderer, ViewSpec
 from logitcache.student.checks import check_same_teacher
 from logitcache.student.methods import MethodConfig, Needs, TeacherInput, methods, parse_loss
@@ -32,6 +35,7 @@ class CacheInfo:
     layers: dict[str, dict]  # layer name -> its record (forms and their settings)
     topk: int | None
     preprocess: Preprocess | None  # the teacher's, with which the cached views were rendered
+    topk_temperatures: tuple[float, ...] | None  # the temperatures a top-k cache's targets are right at
     teacher_sha256: str
     logits_dtype: str
 
@@ -88,14 +92,15 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
     train = load_split(params.data, "train")
     check_prepared(params.data)  # the test split too, read once after training
     train_rows, validation = holdout(params.data, len(train))
-    cache = open_caches(cfg, train, needs) if chosen else None
     labeled = labeled_mask(cfg, len(train), train_rows)
-    check_test_cache(params, cfg)
-    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     if not chosen:
         rows = np.flatnonzero(labeled)
     else:
         rows = np.concatenate([train_rows, *[np.flatnonzero(labeled)] * (cfg.labeled_repeat - 1)])
+    temperatures = logit_temperatures(chosen, name, last_epoch(cfg, len(rows)))
+    cache = open_caches(cfg, train, needs, temperatures) if chosen else None
+    check_test_cache(params, cfg)
+    check_same_teacher(cfg, cache.teacher_sha256 if cache else None)
     return Plan(train, validation, labeled, rows, chosen, needs, cache, student_view(cfg, name, train, cache))
 
 
@@ -122,11 +127,20 @@ def student_view(cfg: StudentConfig, name: str, train: Split, cache: CacheInfo |
     return StudentView(box, tuple(cfg.mean) if own else train.mean, tuple(cfg.std) if own else train.std, own)
 
 
+def last_epoch(cfg: StudentConfig, rows: int) -> float:
+    """At least the epoch (`Progress.epoch`) of the run's last step: a pass has ceil(rows / batch) batches in one
+    process, one fewer under torchrun at worst."""
+    if cfg.steps is None:
+        return cfg.epochs - 1 / -(-rows // cfg.batch_size)
+    return (cfg.steps - 1) / max(1, rows // cfg.batch_size)
+
+
 def check_test_cache(params: Params, cfg: StudentConfig) -> None:
     """Checked before training, from its metadata: the test split itself is read once, after training."""
     if cfg.test_cache and Path(cfg.test_cache).exists():
         with Cache(cfg.test_cache) as cache:
             cache.check_identity(split_identity(params.data, "test"))
+            check_temperatures(cfg.test_cache, cache, {"the test metrics' temperature (KL to the teacher)": [1.0]})
 
 
 def union(all_needs: list[Needs]) -> Needs:
@@ -167,14 +181,59 @@ def _labeled_indices(path: Path, n: int, train_rows: np.ndarray) -> np.ndarray:
     return indices
 
 
-def open_caches(cfg: StudentConfig, train: Split, needs: Needs) -> CacheInfo:
-    """Check every cache against the training data and each other; return what training needs of them."""
+def logit_temperatures(chosen: dict[str, MethodConfig], name: str,
+                       last: float) -> dict[str, list[float | Schedule]]:
+    """`students.NAME.loss.METHOD.temperature` -> the temperatures that method reads the teacher's logits at up to
+    epoch `last`: its `temperature` (every value of a switch or step schedule; linear and cosine ones as they
+    are), or 1 without one."""
+    out = {}
+    for method, mcfg in chosen.items():
+        if not methods()[method].needs(mcfg).logits:
+            continue
+        values = _values(getattr(mcfg, "temperature", 1.0), last)
+        out[f"students.{name}.loss.{method}.temperature"] = values
+    return out
+
+
+def _values(t: float | Schedule, last: float) -> list[float | Schedule]:
+    """The values a temperature setting takes up to epoch `last`: a constant, both ends of a switch, every step of
+    a step schedule (as `value_at` computes them); linear and cosine schedules as they are."""
+    if not isinstance(t, Schedule):
+        return [float(t)]
+    if t.kind == "step":
+        return [value_at(t, Progress(0.0, j * t.every)) for j in range(math.floor(last / t.every + 1e-9) + 1)]
+    return [t.start] if t.kind == "constant" else [t.start, t.end] if t.kind == "switch" else [t]
+
+
+def check_temperatures(path: str, cache: Cache, temperatures: dict[str, list[float | Schedule]]) -> None:
+    """A top-k cache's targets are right at its grid's temperatures only: refuse any other before training."""
+    grid = cache.topk_temperatures
+    if grid is None:
+        return
+    for key, values in temperatures.items():
+        for t in values:
+            if isinstance(t, Schedule):
+                raise LogitcacheError(f"{key} is a {t.kind} schedule, but {path} holds top-k targets at the "
+                                      f"temperatures {format_grid(grid)} only; give a constant, or a switch or "
+                                      "step schedule through listed temperatures, or use a full-logit cache "
+                                      "(dump.topk: null)")
+            if not in_grid(grid, t):
+                raise LogitcacheError(f"{key} is {t:g}, but {path} holds top-k targets at the temperatures "
+                                      f"{format_grid(grid)} only; re-dump it with dump.topk_temperatures including "
+                                      f"{t:g}, or use a full-logit cache (dump.topk: null)")
+
+
+def open_caches(cfg: StudentConfig, train: Split, needs: Needs,
+                temperatures: dict[str, list[float | Schedule]] | None = None) -> CacheInfo:
+    """Check every cache against the training data, each other and the temperatures its logits are read at;
+    return what training needs of them."""
     if not cfg.caches:
         raise LogitcacheError(f"students with a loss: ({', '.join(cfg.loss)}) need at least one cache in caches:")
     first: CacheInfo | None = None
     for path in cfg.caches:
         with Cache(path) as cache:
             cache.check_matches(train)
+            check_temperatures(path, cache, temperatures or {})
             if first is None:
                 first = _cache_info(cfg, cache, needs)
             elif not np.array_equal(cache.view_params(), first.views):
@@ -193,6 +252,7 @@ def _cache_info(cfg: StudentConfig, cache: Cache, needs: Needs) -> CacheInfo:
                               "dump.layers, e.g. {name: layer2, forms: [map, attention, embedding]}")
     return CacheInfo(views=cache.view_params(), spec=cache.spec,
                      shapes={t: stored[(t.layer, t.form)] for t in [*needs.teacher, *needs.banks]},
-                     layers=cache.layers, topk=cache.topk, preprocess=cache.preprocess,
+                     layers=cache.layers, topk=cache.topk, topk_temperatures=cache.topk_temperatures,
+                     preprocess=cache.preprocess,
                      teacher_sha256=cache.teacher_sha256,
                      logits_dtype=cache.dtypes["logits"])

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from logitcache import __version__
 from logitcache.cache.format import FLOAT16_MAX, FORMAT_NAME, SCHEMA_VERSION, form_dataset, read_blocks, stored_forms
 from logitcache.cache.reader import Cache
+from logitcache.cache.topk import topk_summary
 from logitcache.core import interrupt
 from logitcache.core import imagefiles
 from logitcache.core.config import DumpConfig, LayerSpec, Params
@@ -306,7 +307,7 @@ def _layout(cfg: DumpConfig, record: dict, classes: int, stored: StoredViews) ->
     if cfg.topk:
         arrays["topk_values"] = ((v, cfg.topk), cfg.logits_dtype)
         arrays["topk_indices"] = ((v, cfg.topk), "int32")
-        arrays["topk_lse"] = ((v,), "float32")
+        arrays["topk_rest"] = ((v, len(cfg.topk_temperatures)), "float32")
     else:
         arrays["logits"] = ((v, classes), cfg.logits_dtype)
     for (layer, form), shape in stored_forms(record).items():
@@ -332,6 +333,7 @@ def _metadata(cfg: DumpConfig, teacher: Teacher, split: Split, spec: ViewSpec, v
                    stored.column: stored.dtype},
         "layers": layers,
         "topk": cfg.topk,
+        **({"topk_temperatures": [float(t) for t in cfg.topk_temperatures]} if cfg.topk else {}),
     }
 
 
@@ -381,11 +383,11 @@ def _rows(out: dict[str, torch.Tensor], b: int, v: int, cfg: DumpConfig, layers:
         worst = index[(logits.abs().amax(dim=(1, 2)) > FLOAT16_MAX).cpu()].tolist()[:20]
         raise LogitcacheError(f"logits of sample(s) {worst} overflow float16; set dump.logits_dtype=float32")
     rows = {}
-    if cfg.topk:
-        values, indices = logits.topk(cfg.topk, dim=-1)
-        rows["topk_values"] = values.cpu().numpy().astype(cfg.logits_dtype)
-        rows["topk_indices"] = indices.cpu().numpy().astype(np.int32)
-        rows["topk_lse"] = torch.logsumexp(logits, dim=-1).cpu().numpy()
+    if cfg.topk:  # from the float32 logits, values then rounded to logits_dtype, as --online summarises
+        top = topk_summary(logits, cfg.topk, cfg.topk_temperatures)
+        rows["topk_values"] = top.values.cpu().numpy().astype(cfg.logits_dtype)
+        rows["topk_indices"] = top.indices.cpu().numpy().astype(np.int32)
+        rows["topk_rest"] = top.rest.cpu().numpy()
     else:
         rows["logits"] = logits.cpu().numpy().astype(cfg.logits_dtype)
     for layer in layers:

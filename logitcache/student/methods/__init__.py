@@ -5,7 +5,8 @@ A method file declares, in that file only:
 - `Config`: a pydantic model holding only its own keys (every one with a default and a description);
 - `needs(cfg)`: what it reads: teacher logits, cached teacher layers in a stored form, student layers;
 - `__init__(cfg, ctx)`: its learnable parts (adapters, heads), from the shapes in `ctx`;
-- `forward(student, teacher, batch, at)` returning its loss and a dict of named terms.
+- `forward(student, teacher, batch, at)` returning its loss and a dict of named terms; a method with a
+  `temperature` key reads the teacher's logits at it (`teacher.logits_at(T)`), one without at T = 1.
 
 Decorating the class with `@register` is all it takes: config validation, `logitcache methods`,
 the loader (what to read from the cache) and `--online` (what the live teacher computes) all
@@ -23,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from logitcache.cache.topk import TopK
 from logitcache.core.config import Form
 from logitcache.core.errors import LogitcacheError
 from logitcache.core.schedule import NonNegative, Progress
@@ -70,8 +72,20 @@ class StudentOut:
 
 @dataclass
 class TeacherOut:
-    logits: list[torch.Tensor]  # one (B, classes) tensor per cache
+    """The teacher's targets of a batch. A method with a temperature T reads `logits_at(T)`; one without reads
+    `logits` (T = 1). Full logits are the same at every T; a top-k cache's rows are rebuilt for the T asked."""
+
+    targets: list[torch.Tensor | TopK]  # one per cache: (B, classes) logits, or its top-k rows
     features: dict[TeacherInput, torch.Tensor]  # from the first cache
+
+    @property
+    def logits(self) -> list[torch.Tensor]:
+        """One (B, classes) tensor per cache, right at T = 1."""
+        return self.logits_at(1.0)
+
+    def logits_at(self, temperature: float) -> list[torch.Tensor]:
+        """One (B, classes) tensor per cache whose softmax at `temperature` is the teacher's."""
+        return [t.logits(temperature) if isinstance(t, TopK) else t for t in self.targets]
 
 
 @dataclass

@@ -63,9 +63,10 @@ class DKD(Method):
 
     def forward(self, student, teacher, batch, at):
         t = value_at(self.cfg.temperature, at)
-        teacher_class = torch.stack([F.softmax(x.float() / t, dim=1) for x in teacher.logits]).mean(0).argmax(1)
+        logits = teacher.logits_at(t)
+        teacher_class = torch.stack([F.softmax(x.float() / t, dim=1) for x in logits]).mean(0).argmax(1)
         target = torch.where(batch.labeled > 0, batch.labels, teacher_class)
-        tckd, nckd = dkd_terms(student.logits, teacher.logits, target, t)
+        tckd, nckd = dkd_terms(student.logits, logits, target, t)
         ramp = min(at.epoch / self.cfg.warmup, 1.0) if self.cfg.warmup > 0 else 1.0
         loss = ramp * (value_at(self.cfg.alpha, at) * tckd + value_at(self.cfg.beta, at) * nckd)
         return loss, {"dkd": loss.detach(), "tckd": tckd.detach(), "nckd": nckd.detach(), "warmup": ramp}

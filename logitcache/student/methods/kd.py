@@ -50,5 +50,5 @@ class KD(Method):
 
     def forward(self, student, teacher, batch, at):
         t = value_at(self.cfg.temperature, at)
-        loss = kd_loss(student.logits, teacher.logits, t, self.cfg.combine)
+        loss = kd_loss(student.logits, teacher.logits_at(t), t, self.cfg.combine)
         return loss, {"kd": loss.detach(), "temperature": t}
