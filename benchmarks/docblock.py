@@ -45,6 +45,7 @@ def blocks() -> list[Block]:
     import methods_table
     import pipeline_tables
     import quickstart
+    import imagenet_scale
     import topk
 
     return [
@@ -57,6 +58,9 @@ def blocks() -> list[Block]:
         Block("methods-results", ("docs/methods.md",), methods_table.render_committed),
         Block("kernels", ("docs/reproducibility.md",), kernels.render_committed),
         Block("topk", ("docs/benchmarks.md",), topk.render_committed),
+        Block("imagenet-memory", ("docs/benchmarks.md",), imagenet_scale.render_committed("memory")),
+        Block("imagenet-speed", ("docs/benchmarks.md",), imagenet_scale.render_committed("speed")),
+        Block("imagenet-projection", ("docs/benchmarks.md",), imagenet_scale.render_committed("projection")),
     ]
 
 

@@ -141,11 +141,11 @@ def decode(path: Path, expected: tuple[int, bytes] | None = None) -> torch.Tenso
         from io import BytesIO
 
         with Image.open(BytesIO(data)) as image:
-            pixels = np.asarray(image.convert("RGB"))
+            pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError) as e:
         raise LogitcacheError(f"image {path} cannot be decoded ({type(e).__name__}); remove or replace it and "
                               "rerun `logitcache prepare-data`") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # (C, H, W) over the decoded (H, W, C) pixels, not copied
 
 
 def streaming_statistics(source: Path, index: FileIndex, count: int, seed: int) -> tuple[list[float], list[float]]:

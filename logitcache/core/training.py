@@ -218,7 +218,7 @@ def score_split(model: nn.Module, split: Split, device: torch.device, view: Mode
     """Every image of `split`, unaugmented, through `model`: the one way teacher and students score the test split.
     `view` renders its input (default: the data's normalisation)."""
     view = view or data_input(split)
-    loader = make_loader(IndexedDataset(split, view.render), 512, shuffle=False, seed=0, workers=workers,
+    loader = make_loader(IndexedDataset(split, view.render), view.batch, shuffle=False, seed=0, workers=workers,
                          device=device)
     return Scored(*predict(model, loader, device, view.prepare))
 
@@ -228,7 +228,7 @@ def validation_scorer(model: nn.Module, split: Split, rows: np.ndarray, device: 
     """Scores `model` on the held-out `rows` of the training split (unaugmented): accuracy and cross-entropy.
     `view` renders its input (default: the data's normalisation)."""
     view = view or data_input(split)
-    loader = make_loader(Subset(IndexedDataset(split, view.render), rows.tolist()), 512, shuffle=False, seed=0,
+    loader = make_loader(Subset(IndexedDataset(split, view.render), rows.tolist()), view.batch, shuffle=False, seed=0,
                          workers=workers, device=device)
 
     def score() -> dict:
