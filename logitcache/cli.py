@@ -263,11 +263,13 @@ def _format_summary(info: dict) -> str:
              f"{teacher.get('num_classes')} classes",
              f"data       {data.get('name')}/{data.get('split')}, N={info['samples']}, "
              f"fingerprint {str(data.get('fingerprint'))[:16]}",
-             f"views      {views.get('count')} ({views.get('mode')}), evaluation view {views.get('eval_view')}",
+             f"views      {views.get('count')} ({views.get('mode')}{', ' + views['kind'] if views.get('kind') else ''}), "
+             f"evaluation view {views.get('eval_view')}",
              *([_topk_line(info)] if info.get("topk") else []),
              *([_source_line(teacher)] if teacher.get("source") else []),
              *([_preprocess_line(info["preprocess"])] if info.get("preprocess") else []),
-             f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample"]
+             f"size       {info['bytes'] / 2**20:.1f} MiB, {info['bytes_per_sample'] or 0:.0f} bytes/sample, "
+             f"{info['bytes_per_view'] or 0:.0f} bytes/view"]
     for name, spec in info["arrays"].items():
         lines.append(f"  {name:<28} {str(tuple(spec['shape'])):<22} {spec['dtype']:<8} {spec['bytes_per_sample']:>7,} B/sample")
     if info["forms"]:

@@ -138,6 +138,13 @@ def test_inspect_recomputes_box_views_from_the_images_and_states_bytes_per_view(
     described = describe(rrc_cache / "train.h5")
     assert described["bytes_per_view"] == described["bytes"] / (600 * 3)
     assert described["arrays"]["views/box"] == {"shape": [600, 3, 5], "dtype": "int16", "bytes_per_sample": 30}
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    text = CliRunner().invoke(main, ["inspect", str(rrc_cache / "train.h5")]).output
+    assert "views      3 (random, random_resized_crop), evaluation view 0" in text
+    assert f"{described['bytes_per_view']:.0f} bytes/view" in text
 
 
 def test_image_size_with_pad_and_crop_views_is_refused(data_cfg, cache_dir, tmp_path):
