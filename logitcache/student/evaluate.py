@@ -20,7 +20,7 @@ from logitcache.core.training import place, score_split, select_device, topk_acc
 LATENCY_RUNS, WARMUP_RUNS = 30, 5  # batch-1 timings of a trained model: a cheap figure, export times it at length
 
 
-def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None,
+def evaluate_model(model: nn.Module, data: DataConfig, device: torch.device, test_cache: str | None, *,
                    confusion: Path | None = None, model_info: dict | None = None, view_info: dict | None = None,
                    timed: bool = True) -> dict:
     """Accuracy, agreement and KL with the teacher (from the test cache), size and, when `timed`, batch-1 latency
