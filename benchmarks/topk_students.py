@@ -113,7 +113,7 @@ def configurations(ks: list[int]) -> list[tuple[str, str | None]]:
 
 
 def params_for(args: argparse.Namespace, work: Path) -> dict:
-    """params.yaml's sections for every stage of this benchmark (student sections added by `student`)."""
+    """params.yaml's sections for every stage of this benchmark (each student's section comes from `student_section`)."""
     data = {"dataset": "cifar100", "source": str(work / "raw"), "root": str(work / "prepared"),
             "validation": args.validation}
     teacher = {"model": args.teacher, "epochs": args.teacher_epochs, "batch_size": 128, "lr": 0.1,
@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     (work / MARK).write_text("made by benchmarks/topk_students.py, which empties this folder on every run\n")
     trust_written_files()
     timings, start = {}, time.perf_counter()
-    synthetic_cifar100(work / "raw", args.train_per_class, args.test_per_class, args.data_seed)
+    synthetic_cifar100(work / "raw", args.train_per_class, args.test_per_class, args.data_seed, args.shift,
+                       args.blend, args.noise)
     base = params_for(args, work)
     prepare_data(DataConfig(**base["data"]))
     timings["data"] = time.perf_counter() - start
@@ -196,11 +197,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the script (writes no results)")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the script (its record stays in --work)")
     ap.add_argument("--train-per-class", type=int, default=140, help="training images per class (validation included)")
     ap.add_argument("--test-per-class", type=int, default=40)
     ap.add_argument("--validation", type=int, default=2000, help="training rows held out for selection")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--shift", type=int, default=4, help="largest shift of a sample from its prototype (pixels)")
+    ap.add_argument("--blend", type=float, default=0.5, help="largest weight of the other class's prototype")
+    ap.add_argument("--noise", type=float, default=0.8, help="pixel noise, in prototype standard deviations")
     ap.add_argument("--teacher", default="resnet8")
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--views", type=int, default=4, help="cached views per training image (pad-and-crop, flip)")
@@ -208,7 +212,7 @@ def main() -> None:
     ap.add_argument("--student", default="cnn_small")
     ap.add_argument("--steps", type=int, default=1000, help="optimizer steps (batch 128) of every student")
     ap.add_argument("--evaluations", type=int, default=5, help="validation scores per run; the best is kept")
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.1, help="peak learning rate of every student")
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=3, help="seeds trained at once (train-student --jobs)")
@@ -223,13 +227,15 @@ def main() -> None:
     begin = time.perf_counter()
     record = {"command": command,
               "data": {"classes": CLASSES, "superclasses": SUPERCLASSES, "train_per_class": args.train_per_class,
-                       "test_per_class": args.test_per_class, "validation": args.validation, "seed": args.data_seed},
+                       "test_per_class": args.test_per_class, "validation": args.validation, "seed": args.data_seed,
+                       "shift": args.shift, "blend": args.blend, "noise": args.noise},
               "setup": {"views": args.views, "topk": args.topk, "student": args.student, "steps": args.steps,
                         "evaluations": args.evaluations, "lr": args.lr, "temperature": args.temperature,
                         "seeds": args.seeds, "jobs": args.jobs},
               **run(args)}
     record["minutes"] = (time.perf_counter() - begin) / 60
-    if args.quick:
+    if args.quick:  # the record stays in the work folder
+        (Path(args.work) / "topk_students.json").write_text(json.dumps(record, indent=1) + "\n")
         print(render(record))
         return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +251,8 @@ def render(record: dict) -> str:
         f"Made by `{record['command']}` ({record['minutes']:.0f} min here; torch {env['torch']}, "
         f"{env['cpu_capability']} kernels; teacher and dumps on {env['threads']} threads, the students on "
         f"{student_threads(record)} each, {s['jobs']} seeds at once). "
-        f"Synthetic 100-class 32x32 data, {d['train_per_class']} training images a class "
+        f"Synthetic 100-class 32x32 data (shifts up to {d['shift']} px, blend weight up to {d['blend']:g}, "
+        f"noise {d['noise']:g}), {d['train_per_class']} training images a class "
         f"({d['validation']:,} held out for selection) and {d['test_per_class']} test images a class; "
         f"teacher {t['model']} ({t['epochs']} epochs), test accuracy {100 * t['test_acc']:.2f} %; "
         f"{s['views']} cached views an image. Every student is a {s['student']} trained for {s['steps']:,} "
