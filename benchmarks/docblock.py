@@ -46,6 +46,7 @@ def blocks() -> list[Block]:
     import pipeline_tables
     import quickstart
     import topk
+    import topk_students
 
     return [
         Block("headline", ("README.md",), pipeline_tables.headline),
@@ -57,6 +58,7 @@ def blocks() -> list[Block]:
         Block("methods-results", ("docs/methods.md",), methods_table.render_committed),
         Block("kernels", ("docs/reproducibility.md",), kernels.render_committed),
         Block("topk", ("docs/benchmarks.md",), topk.render_committed),
+        Block("topk-students", ("docs/benchmarks.md",), topk_students.render_committed),
     ]
 
 
