@@ -14,10 +14,11 @@ of optimizer steps with every seed, selected on the validation rows and scored o
 - ce: cross-entropy alone (no cache), for reference;
 - kd full: KD at T = 4 (weight 0.9, ce_weight 0.1) from the full logits;
 - kd top-k: the same from each top-k cache (read at T = 4, one of `dump.topk_temperatures`).
-Writes benchmarks/results/topk_students.json; `python benchmarks/docblock.py` renders its table into
-docs/benchmarks.md.
+Writes benchmarks/results/topk_students.json, one record per student architecture (a run of another `--student`
+is kept beside it); `python benchmarks/docblock.py` renders their tables into docs/benchmarks.md.
 
-    python benchmarks/topk_students.py           # the committed run (about a quarter of an hour on 2 CPU cores)
+    python benchmarks/topk_students.py           # cnn_small students (about a quarter of an hour on 2 CPU cores)
+    python benchmarks/topk_students.py --student cnn_tiny
     python benchmarks/topk_students.py --quick   # tiny settings, to check the script end to end
 """
 
@@ -238,9 +239,12 @@ def main() -> None:
         (Path(args.work) / "topk_students.json").write_text(json.dumps(record, indent=1) + "\n")
         print(render(record))
         return
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(write_named("topk-students") if Path(args.out) == OUT else render(record))
+    out = Path(args.out)
+    runs = [r for r in (json.loads(out.read_text())["runs"] if out.exists() else [])
+            if r["setup"]["student"] != args.student]  # a run of another student architecture is kept
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": [*runs, record]}, indent=1) + "\n")
+    print(write_named("topk-students") if out == OUT else render(record))
 
 
 def render(record: dict) -> str:
@@ -278,7 +282,8 @@ def student_threads(record: dict) -> str:
 
 
 def render_committed() -> str:
-    return render(json.loads(OUT.read_text()))
+    """One paragraph and table per student architecture, in the order they were run."""
+    return "\n\n".join(render(record) for record in json.loads(OUT.read_text())["runs"])
 
 
 if __name__ == "__main__":
