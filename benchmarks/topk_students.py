@@ -253,8 +253,8 @@ def render(record: dict) -> str:
     env = record["environment"]
     lines = [
         f"Made by `{record['command']}` ({record['minutes']:.0f} min here; torch {env['torch']}, "
-        f"{env['cpu_capability']} kernels; teacher and dumps on {env['threads']} threads, the students on "
-        f"{student_threads(record)} each, {s['jobs']} seeds at once). "
+        f"{env['cpu_capability']} kernels; teacher and dumps on {env['threads']} threads, each student on "
+        f"{student_threads(record)}, {s['jobs']} seeds at once). "
         f"Synthetic 100-class 32x32 data (shifts up to {d['shift']} px, blend weight up to {d['blend']:g}, "
         f"noise {d['noise']:g}), {d['train_per_class']} training images a class "
         f"({d['validation']:,} held out for selection) and {d['test_per_class']} test images a class; "
@@ -264,7 +264,7 @@ def render(record: dict) -> str:
         f"seeds {', '.join(map(str, s['seeds']))}; KD at T = {s['temperature']:g} with weight 0.9 and "
         "ce_weight 0.1, CE with pad-and-crop and flip augmentation:",
         "",
-        "| student | targets | test acc (%) | per seed (%) | val acc (%) | agreement with the teacher (%) |",
+        "| student | targets | test acc (%), mean ± std | per seed (%) | val acc (%) | agreement with the teacher (%) |",
         "|---|---|---|---|---|---|"]
     for name, r in record["students"].items():
         targets = TARGETS.get(r["cache"]) or f"top-{r['cache'].removeprefix('top')} + leftover mass"
@@ -278,7 +278,7 @@ def render(record: dict) -> str:
 def student_threads(record: dict) -> str:
     threads = {r["environment"]["threads"] for r in record["students"].values()
                if isinstance(r["environment"], dict)}
-    return " or ".join(map(str, sorted(threads))) or "several"
+    return " or ".join(map(str, sorted(threads))) + " thread" + "s" * (threads != {1}) if threads else "its threads"
 
 
 def render_committed() -> str:
