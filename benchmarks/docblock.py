@@ -47,6 +47,7 @@ def blocks() -> list[Block]:
     import quickstart
     import imagenet_scale
     import topk
+    import topk_students
 
     return [
         Block("headline", ("README.md",), pipeline_tables.headline),
@@ -61,6 +62,7 @@ def blocks() -> list[Block]:
         Block("imagenet-memory", ("docs/benchmarks.md",), imagenet_scale.render_committed("memory")),
         Block("imagenet-speed", ("docs/benchmarks.md",), imagenet_scale.render_committed("speed")),
         Block("imagenet-projection", ("docs/benchmarks.md",), imagenet_scale.render_committed("projection")),
+        Block("topk-students", ("docs/benchmarks.md",), topk_students.render_committed),
     ]
 
 
