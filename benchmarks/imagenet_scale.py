@@ -6,7 +6,8 @@ weights: only its cost matters) imported with resize 256 / crop 224 and random_r
   memory      peak RSS of prepare-data, dump-teacher and train-student at two tree sizes, 10x apart
   input       the student's input pipeline (index -> decode -> box at 224) against a bare PIL decode +
               torchvision resized_crop loop over the same files and boxes (goal >= 0.9)
-  dump        dump-teacher against bare ResNet-50 inference over the same views, decoded beforehand (goal >= 0.95)
+  dump        dump-teacher, with no DataLoader worker and with one (its default), against bare ResNet-50
+              inference over the same views, decoded beforehand (goal >= 0.95)
   student     cached against online KD epochs, ResNet-50 -> MobileNetV2 at 224, and the ratio the two models'
               bare training costs predict
   projection  ImageNet-1k on paper, from the rates measured here and the GPU rates given as arguments
@@ -182,42 +183,54 @@ def _data(space: Workspace) -> dict:
 
 
 def dump_speed(space: Workspace, samples: int) -> dict:
-    """Views/s of dump-teacher (ResNet-50, train split, its first `samples` images, one view each besides
-    nothing else) against the bare forward pass over the same views, rendered beforehand, in the same batches."""
+    """Views/s of dump-teacher (ResNet-50, train split, its first `samples` images, one view each), with no
+    DataLoader worker (decoding between batches) and with one (its default: decoding while the teacher runs),
+    against the bare forward pass over the same views, rendered beforehand, in the same batches."""
     import torch
 
-    from logitcache.core.config import validate
     from logitcache.core.features import load_teacher
-    from logitcache.teacher.dump import dump_split, prepare_split
 
     teacher = load_teacher(space.root / "teacher" / "teacher.pt")
+    cli("prepare-data", "-S", "data.dataset=imagefolder", "-S", f"data.source={space.tree}", "-S",
+        f"data.root={space.root / 'prepared'}", "-S", FOLDERS, "-S", "data.validation=10", "-S",
+        f"data.train_limit={samples}")
     figures = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        out = space.root / f"dump{threads}"
-        params = validate({"data": {**_data(space), "train_limit": samples}, "dump": {
-            "teacher": str(space.root / "teacher" / "teacher.pt"), "out": str(out), "views": 1, "workers": 0,
-            "layers": [], "batch_size": 32, "splits": ["train"], "augment": {"kind": "random_resized_crop"}}})
-        cli("prepare-data", "-S", "data.dataset=imagefolder", "-S", f"data.source={space.tree}", "-S",
-            f"data.root={space.root / 'prepared'}", "-S", FOLDERS, "-S", "data.validation=10", "-S",
-            f"data.train_limit={samples}")
-        job = prepare_split(params, teacher, "train", torch.device("cpu"))
-        views = torch.stack([job.dataset[i][0][0] for i in range(len(job.dataset))])
-        model = job.extractor
-
-        def bare() -> None:
-            with torch.inference_mode():
-                for lo in range(0, len(views), 32):
-                    model(job.prepare(views[lo:lo + 32]))
-
-        bare_rate = _median_rate(bare, len(views), 1)
-        out.mkdir(parents=True)
-        start = time.perf_counter()
-        dump_split(params, teacher, "train")
-        dump_rate = len(views) / (time.perf_counter() - start)
-        figures[str(threads)] = {"bare_views_s": bare_rate, "dump_views_s": dump_rate, "ratio": dump_rate / bare_rate}
+        bare_rate, rates = None, {}
+        for workers in (0, 1):
+            bare, dump = _dump_pair(space, teacher, samples, workers, space.root / f"dump{threads}-{workers}")
+            bare_rate = bare_rate or bare
+            rates[workers] = dump
+        figures[str(threads)] = {"bare_views_s": bare_rate, "dump_views_s": rates[0], "ratio": rates[0] / bare_rate,
+                                 "dump_worker_views_s": rates[1], "worker_ratio": rates[1] / bare_rate}
     cli("prepare-data", *space.data)  # the full index again, for what follows
     return figures
+
+
+def _dump_pair(space: Workspace, teacher, samples: int, workers: int, out: Path) -> tuple[float, float]:
+    """(bare views/s, dump views/s) of one configuration."""
+    import torch
+
+    from logitcache.core.config import validate
+    from logitcache.teacher.dump import dump_split, prepare_split
+
+    params = validate({"data": {**_data(space), "train_limit": samples}, "dump": {
+        "teacher": str(space.root / "teacher" / "teacher.pt"), "out": str(out), "views": 1, "workers": workers,
+        "layers": [], "batch_size": 32, "splits": ["train"], "augment": {"kind": "random_resized_crop"}}})
+    job = prepare_split(params, teacher, "train", torch.device("cpu"))
+    views = torch.stack([job.dataset[i][0][0] for i in range(len(job.dataset))])
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for lo in range(0, len(views), 32):
+                job.extractor(job.prepare(views[lo:lo + 32]))
+
+    bare_rate = _median_rate(bare, len(views), 1)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    dump_split(params, teacher, "train")
+    return bare_rate, len(views) / (time.perf_counter() - start)
 
 
 def student_speed(space: Workspace, steps: int) -> dict:
@@ -348,11 +361,13 @@ def render_memory(figures: dict) -> str:
 
 def render_speed(figures: dict) -> str:
     rows = ["| threads | input pipeline: ours / bare (img/s) | dump-teacher / bare ResNet-50 (views/s) | "
-            "online / cached KD s per step (measured) | predicted from bare costs |", "|---:|---|---|---|---:|"]
+            "with one loader worker | online / cached KD s per step (measured) | predicted from bare costs |",
+            "|---:|---|---|---|---|---:|"]
     for t in ("1", "2"):
         i, d, s = figures["input"][t], figures["dump"][t], figures["student"][t]
         rows.append(f"| {t} | {i['ours_img_s']:.0f} / {i['bare_img_s']:.0f} = **{i['ratio']:.2f}** "
                     f"| {d['dump_views_s']:.2f} / {d['bare_views_s']:.2f} = **{d['ratio']:.2f}** "
+                    f"| {d['dump_worker_views_s']:.2f} / {d['bare_views_s']:.2f} = **{d['worker_ratio']:.2f}** "
                     f"| {s['online_s_per_step']:.2f} / {s['cached_s_per_step']:.2f} = **{s['speedup']:.2f}x** "
                     f"| {s['predicted_speedup']:.2f}x |")
     return "\n".join([f"`{figures['command']}`:", "", *rows])

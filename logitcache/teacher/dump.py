@@ -287,9 +287,9 @@ def _check_teacher_fits(teacher: Teacher, split: Split, params: Params) -> None:
 def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], dataset: ViewDataset, prepare,
                    device) -> tuple[list[dict], int]:
     """Each layer's metadata record (activation side, stored forms with their shapes) and the class count,
-    probed with a forward pass of the first view of two samples through `stored_form`, the function that computes
+    probed with a forward pass of the first sample's first view through `stored_form`, the function that computes
     every row."""
-    probe = torch.stack([dataset[i][0][0] for i in range(min(2, len(dataset)))])
+    probe = dataset[0][0][:1]
     out = extractor(prepare(probe.to(device)))
     records = []
     for spec in specs:
