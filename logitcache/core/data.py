@@ -171,7 +171,7 @@ def _prepare_files(cfg: DataConfig, source: Path) -> dict:
     """An image folder: every split scanned, subset and indexed (each file hashed, its size read from its header)
     before anything is written; statistics from a seeded sample of training images, decoded one at a time."""
     classes = _image_folder_classes(source, cfg.folders)
-    scanned = {split: imagefiles.scan(source / cfg.folders[split], classes) for split in SPLITS}
+    scanned = {split: imagefiles.scan(source, source / cfg.folders[split], classes) for split in SPLITS}
     indexes = {}
     for split, (paths, labels) in scanned.items():
         rows = imagefiles.stratified(labels, cfg.train_limit if split == "train" else cfg.test_limit, cfg.subset_seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from io import BytesIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,16 +73,16 @@ class FileIndex:
             raise LogitcacheError(f"prepared index {path} {what}; rerun `logitcache prepare-data`") from None
 
 
-def scan(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    """(relative paths, labels) of every image under folder/<class>/, in torchvision ImageFolder's order; an
-    empty class folder is an error naming it."""
+def scan(source: Path, folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(paths relative to `source`, labels) of every image under folder/<class>/, in torchvision ImageFolder's
+    order; an empty class folder is an error naming it."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     try:
         samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
     except FileNotFoundError as e:  # "Found no valid file for the classes X"
         raise LogitcacheError(f"image folder {folder}: {e}; put images in every class folder or remove it") from None
-    return [os.path.relpath(p, folder.parent) for p, _ in samples], np.array([t for _, t in samples], dtype=np.int64)
+    return [os.path.relpath(p, source) for p, _ in samples], np.array([t for _, t in samples], dtype=np.int64)
 
 
 def _describe(source: Path, rel: str) -> tuple[int, bytes, tuple[int, int]]:
@@ -138,8 +139,6 @@ def decode(path: Path, expected: tuple[int, bytes] | None = None) -> torch.Tenso
         raise LogitcacheError(f"image {path} changed since prepare-data indexed it; restore it or rerun "
                               "`logitcache prepare-data` (and the stages after it)")
     try:
-        from io import BytesIO
-
         with Image.open(BytesIO(data)) as image:
             pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError) as e:

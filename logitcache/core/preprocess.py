@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from logitcache.core.errors import LogitcacheError
-from logitcache.core.views import Normalizer, center_box
+from logitcache.core.views import EVAL_SEED, RESIZED_CROP, BoxRenderer, Normalizer, ViewSpec, center_box
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -130,20 +130,18 @@ class BoxInput:
 
 
 class EvalBox:
-    """uint8 (C, H, W) original -> its evaluation view at the model's size: the centre box resized (the same
-    rendering as every cached box view, so a test cache's view and a model's scored input agree)."""
+    """uint8 (C, H, W) original -> its evaluation view at the model's size: the centre box, rendered by the
+    `BoxRenderer` of every cached box view, so a test cache's view and a model's scored input agree."""
 
     def __init__(self, box_input: BoxInput):
         self.box_input = box_input
-        self.interpolation = InterpolationMode(box_input.interpolation)
+        self.renderer = BoxRenderer(ViewSpec(0, False, kind=RESIZED_CROP), box_input.size, box_input.interpolation)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         b = self.box_input
         h, w = image.shape[-2:]
-        top, left, height, width = (int(v) for v in center_box(np.array([h]), np.array([w]), b.resize, b.crop)[0])
-        size = [b.size, b.size] if b.size is not None else [h, w]
-        return TF.resized_crop(image, top, left, height, width, size, interpolation=self.interpolation,
-                               antialias=True).contiguous()
+        box = center_box(np.array([h]), np.array([w]), b.resize, b.crop)[0]
+        return self.renderer(image, [EVAL_SEED, *box, 0])
 
 
 def _identity(image: torch.Tensor) -> torch.Tensor:

@@ -387,9 +387,6 @@ def render_rows(renderer: "ViewRenderer | BoxRenderer", split, rows: np.ndarray,
     return render_batch(renderer, images, params)
 
 
-STORED_BOX_FIELDS = BOX_FIELDS[1:]  # what a cache stores per box view; the policy seed is derived again
-
-
 def stored_boxes(table: np.ndarray, dtype: str) -> np.ndarray:
     """(N, V, 6) box rows -> the (N, V, 5) (top, left, height, width, flip) a cache stores."""
     return table[..., 1:].astype(dtype)

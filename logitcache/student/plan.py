@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +115,8 @@ def student_view(cfg: StudentConfig, name: str, train: Split, cache: CacheInfo |
     box = None
     if boxes:
         pre = cache.preprocess if cache else None
-        box = BoxInput(cfg.image_size or (pre.crop if pre else None), pre.interpolation if pre else "bilinear",
-                       pre.resize if pre else None, pre.crop if pre else None)
+        box = BoxInput.of_teacher(pre) if pre else BoxInput(None, "bilinear", None, None)
+        box = replace(box, size=cfg.image_size or box.size)
     if train.is_files and (box is None or box.size is None):
         raise LogitcacheError(f"the images of {train.dataset} differ in size: students.{name} needs box views at one "
                               "size (a random_resized_crop cache, or image_size)")

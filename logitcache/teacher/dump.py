@@ -53,13 +53,17 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
+    def first_view(self, i: int) -> torch.Tensor:
+        """Sample i's view 0 alone, as (1, C, H, W)."""
+        return self._render(self.split.read(i), self.params[i][:1])
+
     def __getitem__(self, i: int):
-        image = self.split.read(i)
+        return self._render(self.split.read(i), self.params[i]), self.split.labels[i], i
+
+    def _render(self, image: torch.Tensor, params: np.ndarray) -> torch.Tensor:
         if isinstance(self.renderer, BoxRenderer):  # boxes of the original, each resized to the teacher's input
-            views = torch.stack([self.renderer(image, p) for p in self.params[i]])
-        else:
-            views = render_batch(self.renderer, image.expand(len(self.params[i]), *image.shape), self.params[i])
-        return views, self.split.labels[i], i
+            return torch.stack([self.renderer(image, p) for p in params])
+        return render_batch(self.renderer, image.expand(len(params), *image.shape), params)
 
 
 def dump_teacher(params: Params, dist: Dist = Dist.single()) -> list[Path]:
@@ -107,13 +111,17 @@ class SplitJob:
     view_table: np.ndarray
     views: "StoredViews"
     extractor: FeatureExtractor
-    prepare: Callable
     device: torch.device
     amp: bool
     arrays: dict[str, tuple[tuple[int, ...], str]]
     record: dict
     run_key: str
     path: Path
+
+    @property
+    def prepare(self) -> Callable:
+        """The teacher's input step for the rendered views."""
+        return self.views.prepare
 
     @property
     def n(self) -> int:
@@ -176,8 +184,8 @@ def prepare_split(params: Params, teacher: Teacher, split_name: str, device: tor
     arrays = _layout(cfg, record, classes, stored)
     run_key = hashlib.sha256(json.dumps({**record, "batch": cfg.batch_size, "device": device.type, "amp": amp,
                                          "compression": cfg.compression}, sort_keys=True).encode()).hexdigest()
-    return SplitJob(cfg, split, dataset, view_table, stored, extractor, stored.prepare, device, amp, arrays, record,
-                    run_key, cache_path(cfg, split_name))
+    return SplitJob(cfg, split, dataset, view_table, stored, extractor, device, amp, arrays, record, run_key,
+                    cache_path(cfg, split_name))
 
 
 def dump_split(params: Params, teacher: Teacher, split_name: str, dist: Dist = Dist.single()) -> Path:
@@ -289,7 +297,7 @@ def _layer_records(extractor: FeatureExtractor, specs: list[LayerSpec], dataset:
     """Each layer's metadata record (activation side, stored forms with their shapes) and the class count,
     probed with a forward pass of the first sample's first view through `stored_form`, the function that computes
     every row."""
-    probe = dataset[0][0][:1]
+    probe = dataset.first_view(0)
     out = extractor(prepare(probe.to(device)))
     records = []
     for spec in specs:
