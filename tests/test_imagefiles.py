@@ -236,3 +236,14 @@ def test_statistics_equal_a_float64_computation_over_the_decoded_training_images
                              for p in sorted((tree / "train").rglob("*.*"))]).astype(np.float64) / 255.0
     assert meta["mean"] == pixels.mean(axis=0).round(4).tolist()
     assert meta["std"] == pixels.std(axis=0).round(4).tolist()
+
+
+def test_split_folders_may_be_nested_under_the_source(tmp_path):
+    tree = make_tree(tmp_path / "tree" / "images", {"train": 2, "val": 1})
+    cfg = DataConfig(dataset="imagefolder", source=str(tmp_path / "tree"), root=str(tmp_path / "prep"), validation=0,
+                     folders={"train": "images/train", "test": "images/val"})
+    prepare_data(cfg)
+    test = load_split(cfg, "test")
+    assert test.index.paths[0].decode() == "images/val/cat/0.jpg"
+    expected = np.asarray(Image.open(tree / "val" / "cat" / "0.jpg").convert("RGB"))
+    assert torch.equal(test.read(0), torch.from_numpy(expected.copy()).permute(2, 0, 1))

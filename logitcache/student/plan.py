@@ -107,7 +107,8 @@ def plan_run(params: Params, cfg: StudentConfig, name: str) -> Plan:
 def student_view(cfg: StudentConfig, name: str, train: Split, cache: CacheInfo | None) -> StudentView:
     """The student's input: with box views, their boxes at `image_size` (default: the teacher's input side) with the
     teacher's interpolation and evaluation region; its own mean and std, or the data's."""
-    spec = cache.spec if cache else (ViewSpec.from_config(cfg.augment) if cfg.augment else None)
+    rendered = cfg.augment if cfg.augment and (cache is None or cfg.force_augment) else None  # fresh random views
+    spec = ViewSpec.from_config(rendered) if rendered else (cache.spec if cache else None)
     boxes = spec is not None and spec.boxes
     if cfg.image_size is not None and not boxes:
         raise LogitcacheError(f"students.{name}.image_size needs box views (augment kind random_resized_crop); "
