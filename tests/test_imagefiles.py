@@ -247,3 +247,10 @@ def test_split_folders_may_be_nested_under_the_source(tmp_path):
     assert test.index.paths[0].decode() == "images/val/cat/0.jpg"
     expected = np.asarray(Image.open(tree / "val" / "cat" / "0.jpg").convert("RGB"))
     assert torch.equal(test.read(0), torch.from_numpy(expected.copy()).permute(2, 0, 1))
+
+
+def test_preparing_into_the_image_folder_it_reads_is_refused(tree, tmp_path):
+    result = CliRunner().invoke(main, prepare_args(tree, tree / "train"))
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1
+    assert "is inside the image folder data.source" in result.output
+    assert not (tree / "train" / "imagefolder").exists()

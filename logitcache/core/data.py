@@ -143,6 +143,9 @@ def prepare_data(cfg: DataConfig) -> dict:
         check_output_folder(source, "data.source (data.download: true writes the raw files there)")
     if not cfg.download and not Path(source).exists():
         raise LogitcacheError(f"data source {source} does not exist; set data.source to the raw files or data.download=true")
+    if spec.files and dataset_dir(cfg).resolve().is_relative_to(Path(source).resolve()):
+        raise LogitcacheError(f"data.root {cfg.root} is inside the image folder data.source {source}, which "
+                              "prepare-data reads; choose a data.root outside it")
     with output_lock(dataset_dir(cfg), "prepare-data"):
         return _prepare_files(cfg, Path(source)) if spec.files else _prepare(cfg, spec, source)
 
